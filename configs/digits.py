@@ -1,0 +1,27 @@
+"""The built-in quickstart: Mixer-Ti/4 on 16x16 digits (scikit-learn's, prepared locally).
+
+python -m mixer_jax.main --config=configs/digits.py --workdir=runs/digits
+"""
+
+from mixer_jax.config import defaults
+
+
+def get_config(arg: str | None = None):
+    del arg
+    c = defaults()
+    c.model.variant = "Ti/4"
+    c.model.image_size = 16
+    c.model.num_classes = 10
+    c.input.dataset = "digits"
+    c.input.pp_train = "pad_crop(1)|resize(16)|rgb|value_range(-1,1)|onehot(10)"
+    c.input.pp_eval = "resize(16)|rgb|value_range(-1,1)|onehot(10)"
+    c.batch_size = 128
+    c.total_steps = 1000
+    c.warmup_steps = 100
+    c.lr = 3e-3
+    c.wd = 0.05
+    c.schedule = "cosine"
+    c.log_every = 100
+    c.eval_every = 500
+    c.checkpoint_every = 500
+    return c

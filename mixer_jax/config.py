@@ -1,0 +1,216 @@
+"""The config schema (every key, its type and default) and start-up validation.
+
+Config files under `configs/` start from `defaults()` and change values; they never add keys.
+`validate` runs before any compile or data read and raises `ConfigError` with one message that
+names the key, the value seen and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+from typing import Any
+
+import ml_collections
+
+from mixer_jax import models
+
+SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "sgd")
+LOSSES = ("softmax_xent", "sigmoid_xent")
+DTYPES = ("float32", "bfloat16", "float16")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message is meant for the user, as is."""
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """The complete schema. A key not in here is an error; a value of another type too."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 128  # Global, over all processes.
+    c.lr = 1e-3
+    c.wd = 1e-4  # Decoupled weight decay (AdamW), on the parameters matched by optim.wd_regex.
+    c.warmup_steps = 100
+    c.schedule = "cosine"
+    c.lr_end = 0.0  # Final learning rate, as a fraction of lr.
+    c.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables it.
+    c.loss = "softmax_xent"
+    c.optim = ml_collections.ConfigDict(
+        dict(name="adamw", b1=0.9, b2=0.999, eps=1e-8, momentum=0.9, wd_regex=r".*/kernel$")
+    )
+
+    c.model = ml_collections.ConfigDict(
+        dict(
+            variant="B/16",
+            image_size=224,
+            num_classes=1000,
+            dtype="float32",
+            param_dtype="float32",
+            gelu_approximate=True,
+            dropout_rate=0.0,
+            stoch_depth=0.0,
+        )
+    )
+
+    c.input = ml_collections.ConfigDict(
+        dict(
+            dataset="digits",
+            data_dir="",  # "" = $TFDS_DATA_DIR, else ~/tensorflow_datasets.
+            train_split="train",
+            eval_split="test",
+            pp_train="",
+            pp_eval="",
+            num_workers=2,  # Threads decoding and preprocessing per process.
+            prefetch=2,  # Batches prepared ahead of the device step.
+        )
+    )
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest.
+
+    c.log_every = 50
+    c.eval_every = 500  # 0: evaluate only at the end.
+    c.checkpoint_every = 500  # 0: checkpoint only at the end.
+    c.keep_checkpoints = 3
+
+    c.init = ml_collections.ConfigDict(dict(path="", new_head=False))
+    return c
+
+
+def _walk(c: ml_collections.ConfigDict, prefix: str = ""):
+    for k, v in c.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, ml_collections.ConfigDict):
+            yield from _walk(v, key + ".")
+        else:
+            yield key, v
+
+
+def _type_ok(want: Any, got: Any) -> bool:
+    if isinstance(want, bool) or isinstance(got, bool):
+        return isinstance(want, bool) and isinstance(got, bool)
+    if isinstance(want, float):
+        return isinstance(got, (int, float))
+    return isinstance(got, type(want))
+
+
+def unknown_key_message(key: str, value: Any) -> str | None:
+    """None if `key` (dotted) is in the schema, else the message naming it and the closest key."""
+    schema = dict(_walk(defaults()))
+    if key in schema:
+        return None
+    close = difflib.get_close_matches(key, schema, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return (
+        f"unknown config key '{key}' (value {value!r}).{hint} "
+        f"The keys that exist are listed in mixer_jax/config.py:defaults()."
+    )
+
+
+def check_schema(config: ml_collections.ConfigDict) -> None:
+    """Unknown keys and wrong types, against `defaults()`."""
+    schema = dict(_walk(defaults()))
+    for key, value in _walk(config):
+        if message := unknown_key_message(key, value):
+            raise ConfigError(message)
+        want = schema[key]
+        if not _type_ok(want, value):
+            raise ConfigError(
+                f"config key '{key}' has value {value!r} of type "
+                f"{type(value).__name__}, but it must be a {type(want).__name__} "
+                f"(default {want!r})."
+            )
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Resolves the one allowed -1 axis so the product equals the device count."""
+    sizes = {a: int(mesh[a]) for a in MESH_AXES}
+    for a, s in sizes.items():
+        _require(s == -1 or s >= 1, f"config key 'mesh.{a}' is {s}; use a positive size or -1 (the rest).")
+    rest = [a for a, s in sizes.items() if s == -1]
+    _require(len(rest) <= 1, f"config 'mesh' has -1 for {rest}; at most one axis may be -1.")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if rest:
+        _require(
+            num_devices % fixed == 0,
+            f"config 'mesh' {sizes}: the fixed axes' product {fixed} does not divide the {num_devices} devices.",
+        )
+        sizes[rest[0]] = num_devices // fixed
+    _require(
+        math.prod(sizes.values()) == num_devices,
+        f"config 'mesh' {sizes} covers {math.prod(sizes.values())} devices, but there are "
+        f"{num_devices}; make the sizes multiply to {num_devices}, or set one axis to -1.",
+    )
+    return sizes
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1) -> None:
+    """Every check that can run before compiling or reading data. Raises ConfigError."""
+    check_schema(config)
+    _require(config.total_steps > 0, f"config key 'total_steps' is {config.total_steps}; it must be > 0.")
+    _require(
+        config.lr >= 0 and math.isfinite(config.lr),
+        f"config key 'lr' is {config.lr}; the learning rate must be a finite number >= 0.",
+    )
+    _require(config.wd >= 0, f"config key 'wd' is {config.wd}; weight decay must be >= 0.")
+    _require(
+        0 <= config.warmup_steps <= config.total_steps,
+        f"config key 'warmup_steps' is {config.warmup_steps}; it must lie in [0, total_steps={config.total_steps}].",
+    )
+    _require(0 <= config.lr_end <= 1, f"config key 'lr_end' is {config.lr_end}; it is a fraction of lr in [0, 1].")
+    _require(
+        config.grad_clip_norm >= 0, f"config key 'grad_clip_norm' is {config.grad_clip_norm}; use >= 0 (0 disables)."
+    )
+    for key, allowed in (
+        ("schedule", SCHEDULES),
+        ("loss", LOSSES),
+        ("optim.name", OPTIMIZERS),
+        ("model.dtype", DTYPES),
+        ("model.param_dtype", DTYPES),
+    ):
+        value = functools.reduce(lambda c, k: c[k], key.split("."), config)
+        _require(value in allowed, f"config key '{key}' is {value!r}; allowed: {', '.join(allowed)}.")
+    for key in ("log_every", "eval_every", "checkpoint_every"):
+        _require(
+            config[key] >= 0 and (key != "log_every" or config[key] > 0),
+            f"config key '{key}' is {config[key]}; it must be {'> 0' if key == 'log_every' else '>= 0'}.",
+        )
+    _require(
+        config.keep_checkpoints >= 1, f"config key 'keep_checkpoints' is {config.keep_checkpoints}; keep at least 1."
+    )
+
+    m = config.model
+    try:
+        fields = models.parse_variant(m.variant)
+    except ValueError as e:
+        raise ConfigError(f"config key 'model.variant': {e}.") from None
+    _require(m.num_classes > 0, f"config key 'model.num_classes' is {m.num_classes}; it must be > 0.")
+    _require(
+        m.image_size > 0 and m.image_size % fields["patch_size"] == 0,
+        f"config key 'model.image_size' is {m.image_size}, which is not divisible by patch "
+        f"{fields['patch_size']} of variant {m.variant}; use a multiple of {fields['patch_size']}.",
+    )
+    _require(0 <= m.dropout_rate < 1, f"config key 'model.dropout_rate' is {m.dropout_rate}; it must lie in [0, 1).")
+    _require(0 <= m.stoch_depth < 1, f"config key 'model.stoch_depth' is {m.stoch_depth}; it must lie in [0, 1).")
+
+    sizes = mesh_shape(config.mesh, num_devices)
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    _require(
+        config.batch_size > 0 and config.batch_size % batch_shards == 0 and config.batch_size % num_processes == 0,
+        f"config key 'batch_size' is {config.batch_size}, which is not divisible by the "
+        f"{batch_shards} batch shards (mesh data x fsdp = {sizes['data']} x {sizes['fsdp']}) "
+        f"and {num_processes} process(es); use a multiple of "
+        f"{math.lcm(batch_shards, num_processes)}.",
+    )
+
+    _require(config.input.num_workers >= 0, f"config key 'input.num_workers' is {config.input.num_workers}; use >= 0.")
+    _require(config.input.prefetch >= 0, f"config key 'input.prefetch' is {config.input.prefetch}; use >= 0.")

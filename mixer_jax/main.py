@@ -1,0 +1,107 @@
+"""Command line: `python -m mixer_jax.main --config=configs/FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]`.
+
+A config that cannot run ends the program before any compile or data read, with exit status 2
+and one message that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ notices (TFDS, TensorBoard).
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mixer_jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with :ARG.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and logs.")
+
+EXIT_BAD_CONFIG = 2
+
+
+def _fail(message: str) -> None:
+    print(f"mixer_jax: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_CONFIG)
+
+
+def _config_path(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with user-facing errors instead of tracebacks."""
+    path = _config_path(argv)
+    if path is None:
+        _fail("--config is required, e.g. --config=configs/digits.py")
+    if not os.path.isfile(path.split(":", 1)[0]):
+        _fail(f"config file {path.split(':', 1)[0]!r} (from --config={path}) does not exist.")
+    try:
+        rest = flags.FLAGS(argv)
+        config = _CONFIG.value
+        config.get("seed")  # A config file that failed to load raises here.
+    except flags.Error as e:
+        _fail(_config_file_error(path, str(e)) if "Error whilst parsing config file" in str(e) else str(e))
+    except (AttributeError, KeyError) as e:
+        for arg in argv:
+            key, _, value = arg.removeprefix("--config.").partition("=")
+            if arg.startswith("--config.") and (message := config_lib.unknown_key_message(key, value)):
+                _fail(message)
+        _fail(f"a --config.KEY=VALUE override names no config key: {e}")
+    return rest
+
+
+def _config_file_error(path: str, text: str) -> str:
+    """The last line of the config file's traceback, and where in the file it was raised."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    file = path.split(":", 1)[0]
+    where = [line for line in lines if line.startswith("File ") and os.path.basename(file) in line]
+    at = f" ({where[-1].split(', in ')[0]})" if where else ""
+    return f"config file {file} could not be loaded: {lines[-1]}{at}"
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Keeps the console to this program's progress: library INFO lines (Orbax logs several per
+    checkpoint) are dropped; their warnings and errors still show."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= std_logging.WARNING or "/mixer_jax/" in record.pathname
+
+
+def main(argv: list[str]) -> None:
+    for handler in std_logging.root.handlers:  # absl's, or one a library installed before it.
+        handler.addFilter(_QuietLibraries())
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; pass options as --config.KEY=VALUE.")
+    if not _WORKDIR.value:
+        _fail("--workdir is required: the directory for checkpoints, summaries and logs.")
+    import jax
+
+    from mixer_jax import train
+    from mixer_jax.data import pipeline, preprocess
+
+    config = _CONFIG.value
+    try:
+        config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+        pipeline.check(config.input)
+    except (config_lib.ConfigError, pipeline.DatasetError, preprocess.PreprocessError) as e:
+        _fail(str(e))
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    logging.info("config:\n%s", config)
+    train.train_and_evaluate(config, _WORKDIR.value)
+
+
+def run() -> None:
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

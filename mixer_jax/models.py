@@ -1,0 +1,263 @@
+"""MLP-Mixer (Tolstikhin et al., 2021) in Flax Linen.
+
+Parameter names follow the official release exactly (`stem`, `MixerBlock_{i}/token_mixing/Dense_0`,
+`pre_head_layer_norm`, `head`, ...), so released `.npz` files load without any key mapping. Every
+weight carries logical axis names; `sharding.py` maps them onto the device mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Size letter -> (num_blocks, hidden_dim C, tokens_mlp_dim D_S, channels_mlp_dim D_C).
+# S/B/L/H are Table 1 of the paper (D_S = C/2, D_C = 4C). Mu and Ti are small sizes of the same
+# shape family for tests and CPU runs.
+SIZES: dict[str, tuple[int, int, int, int]] = {
+    "Mu": (2, 32, 16, 128),
+    "Ti": (4, 128, 64, 512),
+    "S": (8, 512, 256, 2048),
+    "B": (12, 768, 384, 3072),
+    "L": (24, 1024, 512, 4096),
+    "H": (32, 1280, 640, 5120),
+}
+PAPER_VARIANTS = ("S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14")
+_VARIANT_RE = re.compile(r"^([A-Za-z]+)/(\d+)$")
+
+# Logical axis names used by the annotations below. `sharding.DEFAULT_RULES` maps them to the mesh.
+LOGICAL_AXES = ("embed", "tokens", "token_mlp", "channel_mlp", "classes", "patch_height", "patch_width", "pixels")
+
+
+def parse_variant(variant: str) -> dict[str, int]:
+    """`"B/16"` -> the architecture fields of that variant. Raises ValueError if unknown."""
+    m = _VARIANT_RE.match(variant or "")
+    if not m or m.group(1) not in SIZES or int(m.group(2)) <= 0:
+        raise ValueError(
+            f"unknown model variant {variant!r}: expected SIZE/PATCH with SIZE one of "
+            f"{', '.join(SIZES)} and a positive patch, e.g. 'B/16' (paper variants: "
+            f"{', '.join(PAPER_VARIANTS)})"
+        )
+    num_blocks, hidden_dim, tokens_mlp_dim, channels_mlp_dim = SIZES[m.group(1)]
+    return dict(
+        patch_size=int(m.group(2)),
+        num_blocks=num_blocks,
+        hidden_dim=hidden_dim,
+        tokens_mlp_dim=tokens_mlp_dim,
+        channels_mlp_dim=channels_mlp_dim,
+    )
+
+
+def _dense(features: int, axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype, **kw) -> nn.Dense:
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kw.pop("kernel_init", nn.linear.default_kernel_init), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
+        **kw,
+    )
+
+
+def _layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=1e-6,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        name=name,
+    )
+
+
+class MlpBlock(nn.Module):
+    """Dense -> GELU -> Dense back to the input width. `axes` = (input axis, hidden axis) names."""
+
+    mlp_dim: int
+    axes: tuple[str, str]
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    gelu_approximate: bool = True
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        width = x.shape[-1]
+        in_axis, hidden_axis = self.axes
+        y = _dense(self.mlp_dim, (in_axis, hidden_axis), self.dtype, self.param_dtype)(x)
+        y = nn.gelu(y, approximate=self.gelu_approximate)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        y = _dense(width, (hidden_axis, in_axis), self.dtype, self.param_dtype)(y)
+        return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+def drop_path(y: jax.Array, rate: jax.Array | float, rng: jax.Array) -> jax.Array:
+    """Stochastic depth: zero a residual branch per example with probability `rate`.
+
+    Kept branches are scaled by 1/(1 - rate) ("inverted" scaling, as in DeiT/timm), so the
+    expected branch output matches inference, where the branch is always kept unscaled.
+    """
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    mask = jax.random.bernoulli(rng, keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+    return jnp.where(mask, y / keep.astype(y.dtype), jnp.zeros_like(y))
+
+
+class MixerBlock(nn.Module):
+    """LayerNorm -> token-mixing MLP (across patches) -> residual; LayerNorm -> channel MLP -> residual."""
+
+    tokens_mlp_dim: int
+    channels_mlp_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    gelu_approximate: bool = True
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, drop_rates: jax.Array, *, deterministic: bool) -> jax.Array:
+        """x: (batch, tokens, channels). drop_rates: (2,) stochastic-depth rates of the two MLPs."""
+        mlp = dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            gelu_approximate=self.gelu_approximate,
+            dropout_rate=self.dropout_rate,
+        )
+        stochastic = not deterministic and self.has_rng("dropout")
+        y = _layer_norm(self.dtype, self.param_dtype)(x)
+        y = jnp.swapaxes(y, 1, 2)
+        y = MlpBlock(self.tokens_mlp_dim, ("tokens", "token_mlp"), name="token_mixing", **mlp)(
+            y, deterministic=deterministic
+        )
+        y = jnp.swapaxes(y, 1, 2)
+        if stochastic:
+            y = drop_path(y, drop_rates[0], self.make_rng("dropout"))
+        x = x + y
+        y = _layer_norm(self.dtype, self.param_dtype)(x)
+        y = MlpBlock(self.channels_mlp_dim, ("embed", "channel_mlp"), name="channel_mixing", **mlp)(
+            y, deterministic=deterministic
+        )
+        if stochastic:
+            y = drop_path(y, drop_rates[1], self.make_rng("dropout"))
+        return x + y
+
+
+class MlpMixer(nn.Module):
+    """The Mixer classifier: patch stem, `num_blocks` Mixer blocks, LayerNorm, mean pool, head.
+
+    The module knows its `image_size`: it fixes the number of tokens and so the token-mixing
+    weight shapes. Inputs are NHWC images scaled to [-1, 1]; the output is float32 logits.
+    Stochastic depth rises linearly over the 2·num_blocks MLPs, from 0 for the first to
+    `stoch_depth` for the last (paper, Appendix B), with the scaling of `drop_path`.
+    """
+
+    num_classes: int
+    patch_size: int
+    hidden_dim: int
+    num_blocks: int
+    tokens_mlp_dim: int
+    channels_mlp_dim: int
+    image_size: int = 224
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    gelu_approximate: bool = True
+    dropout_rate: float = 0.0
+    stoch_depth: float = 0.0
+
+    def __post_init__(self):
+        p = self.patch_size
+        if self.image_size <= 0 or self.image_size % p:
+            nearest = max(1, round(self.image_size / p)) * p
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by patch {p}: use a multiple of {p}, e.g. {nearest}"
+            )
+        super().__post_init__()
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def drop_rates(self) -> jax.Array:
+        """(num_blocks, 2) stochastic-depth rates: linear from 0 (first MLP) to stoch_depth (last)."""
+        n = 2 * self.num_blocks
+        return (self.stoch_depth * jnp.arange(n, dtype=jnp.float32) / max(n - 1, 1)).reshape(-1, 2)
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        n, h, w, _ = images.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not divisible by patch {p}")
+        if (h // p) * (w // p) != self.num_tokens:
+            raise ValueError(
+                f"images of {h}x{w} give {(h // p) * (w // p)} tokens, but the model was built for "
+                f"image_size {self.image_size} ({self.num_tokens} tokens): create it with image_size={h}"
+            )
+        x = nn.Conv(
+            self.hidden_dim,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.linear.default_kernel_init, ("patch_height", "patch_width", "pixels", "embed")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+            name="stem",
+        )(images)
+        x = x.reshape(n, -1, self.hidden_dim)  # row-major token order, as the official einops.
+        rates = self.drop_rates()
+        for i in range(self.num_blocks):
+            x = MixerBlock(
+                self.tokens_mlp_dim,
+                self.channels_mlp_dim,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                gelu_approximate=self.gelu_approximate,
+                dropout_rate=self.dropout_rate,
+                name=f"MixerBlock_{i}",
+            )(x, rates[i], deterministic=not train)
+        x = _layer_norm(self.dtype, self.param_dtype, name="pre_head_layer_norm")(x)
+        x = jnp.mean(x, axis=1)
+        self.sow("intermediates", "pre_logits", x)
+        x = _dense(
+            self.num_classes,
+            ("embed", "classes"),
+            self.dtype,
+            self.param_dtype,
+            kernel_init=nn.initializers.zeros_init(),
+            name="head",
+        )(x)
+        return x.astype(jnp.float32)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(MlpMixer)} - {"parent", "name", "num_classes"}
+
+
+def create(variant: str, *, num_classes: int, image_size: int = 224, **overrides: Any) -> MlpMixer:
+    """Creates a Mixer by paper name, e.g. `create("B/16", num_classes=1000)`.
+
+    `overrides` use the official field names (`hidden_dim`, `num_blocks`, `tokens_mlp_dim`,
+    `channels_mlp_dim`, `patch_size`) plus `dtype`, `param_dtype`, `gelu_approximate`,
+    `dropout_rate` and `stoch_depth`.
+    """
+    unknown = sorted(set(overrides) - _FIELDS)
+    if unknown:
+        raise TypeError(f"unknown Mixer option(s) {unknown}; allowed: {sorted(_FIELDS)}")
+    if num_classes <= 0:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    fields = parse_variant(variant) | {"image_size": image_size} | overrides
+    return MlpMixer(num_classes=num_classes, **fields)
+
+
+def forward_macs(model: MlpMixer) -> int:
+    """Multiply-adds of one forward pass for one image (DESIGN.md): stem, blocks and head."""
+    s, c = model.num_tokens, model.hidden_dim
+    stem = s * model.patch_size**2 * 3 * c
+    block = 2 * s * model.tokens_mlp_dim * c + 2 * s * c * model.channels_mlp_dim
+    return stem + model.num_blocks * block + c * model.num_classes

@@ -1,0 +1,66 @@
+"""Optax optimizers and learning-rate schedules from the config.
+
+The chain is: global-norm clipping -> AdamW (decoupled weight decay on the parameters whose
+"/"-joined name matches `optim.wd_regex`; optax scales the decay by the learning rate) or SGD with
+momentum. The schedule warms up linearly from 0 to `lr` over `warmup_steps`, then decays to
+`lr * lr_end` at `total_steps` by a cosine or a line, or stays constant.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+
+def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    lr, warmup, total = config.lr, config.warmup_steps, config.total_steps
+    end = lr * config.lr_end
+    decay_steps = max(total - warmup, 1)
+    if config.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=config.lr_end)
+    elif config.schedule == "linear":
+        decay = optax.linear_schedule(lr, end, decay_steps)
+    else:
+        decay = optax.constant_schedule(lr)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def path_name(path: tuple) -> str:
+    """A pytree key path as the official "/"-joined parameter name, e.g. `head/kernel`."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def regex_mask(params: Any, regex: str) -> Any:
+    """A tree of bools: True where the parameter's full name matches `regex`."""
+    pattern = re.compile(regex)
+    return jax.tree_util.tree_map_with_path(lambda p, _: bool(pattern.fullmatch(path_name(p))), params)
+
+
+def make(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    sched = schedule(config)
+    o = config.optim
+    if o.name == "adamw":
+        core = optax.adamw(
+            sched,
+            b1=o.b1,
+            b2=o.b2,
+            eps=o.eps,
+            weight_decay=config.wd,
+            mask=lambda params: regex_mask(params, o.wd_regex),
+        )
+    else:
+        core = optax.chain(
+            optax.add_decayed_weights(config.wd, mask=lambda params: regex_mask(params, o.wd_regex))
+            if config.wd
+            else optax.identity(),
+            optax.sgd(sched, momentum=o.momentum or None),
+        )
+    if config.grad_clip_norm > 0:
+        core = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), core)
+    return core, sched

@@ -1,0 +1,61 @@
+"""Device mesh, logical-axis rules and the placement of host data into global arrays.
+
+The model names the axes of every weight (`embed`, `tokens`, `token_mlp`, `channel_mlp`,
+`classes`, ...); `DEFAULT_RULES` map those names and the `batch` axis onto the mesh axes
+`data`, `fsdp` and `tensor`. Data parallel, FSDP and tensor parallel are mesh sizes in the config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mixer_jax import config as config_lib
+
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axis. A mesh axis is used at most once per array; flax skips repeats.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("token_mlp", "tensor"),
+    ("channel_mlp", "tensor"),
+    ("tokens", None),
+    ("classes", None),
+    ("patch_height", None),
+    ("patch_width", None),
+    ("pixels", None),
+)
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over all devices (all processes), sizes from the config."""
+    devices = devices if devices is not None else jax.devices()
+    sizes = config_lib.mesh_shape(mesh_config, len(devices))
+    shape = tuple(sizes[a] for a in config_lib.MESH_AXES)
+    return Mesh(np.asarray(devices).reshape(shape), config_lib.MESH_AXES)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+    """NamedShardings for a tree whose leaves may be boxed with logical axis names."""
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def put_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's slice of the global batch -> global arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

@@ -1,0 +1,245 @@
+"""The trainer: `train_and_evaluate(config, workdir)`, one file, read top to bottom.
+
+mesh -> data -> model and optimizer shapes -> shardings -> sharded init (or resume) -> jitted,
+donated train step -> loop with periodic evaluation, summaries and checkpoints -> final
+evaluation and checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+
+from mixer_jax import checkpointing, models, optim, sharding
+from mixer_jax.data import pipeline
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # Base key; step s uses fold_in(rng, s).
+
+
+def create_model(config: ml_collections.ConfigDict) -> models.MlpMixer:
+    m = config.model
+    return models.create(
+        m.variant,
+        num_classes=m.num_classes,
+        image_size=m.image_size,
+        dtype=jnp.dtype(m.dtype),
+        param_dtype=jnp.dtype(m.param_dtype),
+        gelu_approximate=m.gelu_approximate,
+        dropout_rate=m.dropout_rate,
+        stoch_depth=m.stoch_depth,
+    )
+
+
+def loss_fn(name: str, logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example loss in float32. Softmax targets are normalised, so multi-hot labels work too."""
+    logits = logits.astype(jnp.float32)
+    if name == "sigmoid_xent":
+        return optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1)
+    labels = labels / jnp.maximum(labels.sum(-1, keepdims=True), 1e-9)
+    return optax.softmax_cross_entropy(logits, labels)
+
+
+def _format_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+        if seconds >= 3600
+        else (f"{seconds // 60}m{seconds % 60:02d}s")
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh)
+    logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), mesh.size, jax.process_count())
+    # TensorBoard event files from process 0; the console line below is the human-readable log.
+    writer = (
+        metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)) if is_main else metric_writers.MultiWriter([])
+    )
+
+    # Data. Process 0 prepares a built-in dataset before the others open it.
+    if is_main:
+        pipeline.get_builder(config.input.dataset, config.input.data_dir)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("dataset prepared")
+    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = pipeline.make_train(config, **shard)
+    eval_data = pipeline.make_eval(config, **shard)
+
+    # Model, optimizer, and the sharded train state: shapes first, then a jitted init whose
+    # outputs are placed by the logical-axis rules, so no tensor is ever whole on one device.
+    model = create_model(config)
+    tx, lr_schedule = optim.make(config)
+    image_shape = (1, config.model.image_size, config.model.image_size, 3)
+
+    def init_boxed(rng: jax.Array) -> tuple[Any, Any]:
+        params = model.init(jax.random.fold_in(rng, 0), jnp.zeros(image_shape, jnp.float32))["params"]
+        return params, tx.init(nn.unbox(params))
+
+    base_rng = jax.random.key(config.seed)
+    boxed_params, abstract_opt = jax.eval_shape(init_boxed, base_rng)
+    param_shardings = sharding.logical_shardings(boxed_params, mesh)
+    param_specs = nn.get_partition_spec(boxed_params)
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, spec: jax.sharding.NamedSharding(mesh, spec),
+        abstract_opt,
+        nn.logical_to_mesh(param_specs, sharding.DEFAULT_RULES),
+        transform_non_params=lambda _: sharding.replicated(mesh),
+        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
+    )
+    state_shardings = TrainState(
+        step=sharding.replicated(mesh),
+        params=param_shardings,
+        opt_state=opt_shardings,
+        rng=sharding.replicated(mesh),
+    )
+
+    @functools.partial(jax.jit, out_shardings=state_shardings)
+    def init_state(rng: jax.Array) -> TrainState:
+        params, opt_state = init_boxed(rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=nn.unbox(params), opt_state=opt_state, rng=rng)
+
+    abstract_state = jax.eval_shape(init_state, base_rng)
+    num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+    logging.info("model %s at %d px: %s parameters", config.model.variant, config.model.image_size, f"{num_params:,}")
+
+    # Resume from the latest complete checkpoint in the workdir, or start fresh.
+    ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.keep_checkpoints)
+    if (latest := ckpt.latest_step()) is not None:
+        state, data_state = ckpt.restore(latest, checkpointing.abstract_with_shardings(abstract_state, state_shardings))
+        train_iter.set_state(data_state)
+        logging.info("resumed from step %d in %s", latest, ckpt.directory)
+    else:
+        state = init_state(base_rng)
+    first_step = int(state.step)
+
+    @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(state_shardings, None))
+    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        rng = jax.random.fold_in(state.rng, state.step)
+
+        def objective(params):
+            logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+            return loss_fn(config.loss, logits, batch["labels"]).mean()
+
+        loss, grads = jax.value_and_grad(objective)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads), "train/lr": lr_schedule(state.step)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    @jax.jit
+    def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        logits = model.apply({"params": params}, batch["image"], train=False)
+        mask = batch["mask"].astype(jnp.float32)
+        hit = jnp.take_along_axis(batch["labels"], jnp.argmax(logits, -1)[:, None], -1)[:, 0]
+        return {
+            "correct": (hit > 0).astype(jnp.float32) @ mask,
+            "loss": loss_fn(config.loss, logits, batch["labels"]) @ mask,
+            "count": mask.sum(),
+        }
+
+    def evaluate(params: Any) -> dict[str, float]:
+        totals = None
+        for local_batch in eval_data:
+            out = eval_step(params, sharding.put_batch(local_batch, mesh))
+            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        totals = jax.device_get(totals)
+        count = int(totals["count"])
+        if count != eval_data.num_examples:
+            raise RuntimeError(f"evaluation counted {count} examples, expected {eval_data.num_examples}")
+        return {
+            "eval/accuracy": float(totals["correct"]) / count,
+            "eval/loss": float(totals["loss"]) / count,
+            "eval/examples": count,
+        }
+
+    # The loop. Metrics stay on the device until a log step, so the host never waits on a step.
+    flops_per_step = 6 * models.forward_macs(model) * config.batch_size
+    pending: list[dict[str, jax.Array]] = []
+    last_log = (time.perf_counter(), first_step)
+    train_start = time.perf_counter()
+    eval_metrics: dict[str, float] = {}
+    logging.info("training from step %d to %d", first_step, config.total_steps)
+    with mesh:
+        for step in range(first_step + 1, config.total_steps + 1):
+            batch = sharding.put_batch(next(train_iter), mesh)
+            state, metrics = train_step(state, batch)
+            pending.append(metrics)
+            is_last = step == config.total_steps
+
+            if step % config.log_every == 0 or is_last:
+                fetched = jax.device_get(pending)
+                pending = []
+                summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                if not np.isfinite(summary["train/loss"]):
+                    raise FloatingPointError(f"non-finite training loss {summary['train/loss']} at step {step}")
+                now = time.perf_counter()
+                steps_per_s = (step - last_log[1]) / (now - last_log[0])
+                last_log = (now, step)
+                summary |= {
+                    "perf/steps_per_s": steps_per_s,
+                    "perf/images_per_s": steps_per_s * config.batch_size,
+                    "perf/tflops": steps_per_s * flops_per_step / 1e12,
+                }
+                writer.write_scalars(step, summary)
+                eta = (config.total_steps - step) / max(steps_per_s, 1e-9)
+                logging.info(
+                    "step %d/%d  loss %.4f  lr %.2e  %.2f steps/s  %.1f img/s  ETA %s",
+                    step,
+                    config.total_steps,
+                    summary["train/loss"],
+                    summary["train/lr"],
+                    steps_per_s,
+                    summary["perf/images_per_s"],
+                    _format_time(eta),
+                )
+
+            if is_last or (config.eval_every and step % config.eval_every == 0):
+                eval_metrics = evaluate(state.params)
+                writer.write_scalars(step, eval_metrics)
+                logging.info(
+                    "step %d  eval accuracy %.4f  loss %.4f  (%d examples)",
+                    step,
+                    eval_metrics["eval/accuracy"],
+                    eval_metrics["eval/loss"],
+                    eval_metrics["eval/examples"],
+                )
+                last_log = (time.perf_counter(), step)  # Keep evaluation out of the step rate.
+
+            if is_last or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                ckpt.save(step, state, train_iter.get_state(), config)
+
+    ckpt.wait()
+    ckpt.close()
+    writer.flush()
+    if not eval_metrics and first_step == config.total_steps:
+        eval_metrics = evaluate(state.params)  # Re-run of a finished workdir: report, don't train.
+    logging.info(
+        "done in %s: step %d, final test accuracy %.2f%% on %d examples",
+        _format_time(time.perf_counter() - train_start),
+        int(state.step),
+        100 * eval_metrics.get("eval/accuracy", float("nan")),
+        eval_metrics.get("eval/examples", 0),
+    )
+    return eval_metrics

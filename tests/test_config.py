@@ -1,0 +1,126 @@
+"""Config validation: every bad config stops the CLI with exit status 2 and one clear message."""
+
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+from conftest import REPO
+
+from mixer_jax import config as config_lib
+
+DIGITS = "configs/digits.py"
+
+
+def run_main(*args, devices=1, env=None, timeout=120):
+    env = dict(os.environ, **(env or {}))
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return subprocess.run(
+        [sys.executable, "-m", "mixer_jax.main", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+BAD = [
+    # (arguments after --config, expected fragments of the message)
+    (["--config.lrr=0.1"], ["unknown config key", "lrr", "lr"]),
+    (["--config.model.variant=X/16"], ["model.variant", "unknown model variant 'X/16'", "B/16"]),
+    (["--config.lr=-0.5"], ["'lr' is -0.5", ">= 0"]),
+    (["--config.batch_size=100"], ["'batch_size' is 100", "8 batch shards", "multiple of 8"]),
+    (["--config.model.image_size=18"], ["'model.image_size' is 18", "not divisible by patch 4"]),
+    (
+        ["--config.input.dataset=imagenet2012", "--config.input.data_dir=/nonexistent/tfds"],
+        ["dataset 'imagenet2012'", "/nonexistent/tfds", "tfds build imagenet2012", "--file_format=array_record"],
+    ),
+    (["--config.total_steps=many"], ["--config.total_steps=many", "invalid literal for int()"]),
+    (["--config.input.pp_train=resize(16)|sharpen(2)"], ["unknown preprocessing op 'sharpen'", "value_range"]),
+    (["--config.input.pp_eval=resize(-3)"], ["resize(-3)", "size must be a positive integer"]),
+    (["--config.mesh.tensor=3"], ["mesh", "does not divide the 8 devices"]),
+    (["--config.warmup_steps=5000", "--config.total_steps=10"], ["'warmup_steps' is 5000", "total_steps=10"]),
+    (["--config.schedule=exponential"], ["'schedule' is 'exponential'", "cosine, linear, constant"]),
+    (["--config.model.stoch_depth=1.0"], ["'model.stoch_depth' is 1.0", "[0, 1)"]),
+    (["--config.input.eval_split=validation"], ["'input.eval_split' is 'validation'", "['test', 'train']"]),
+]
+
+
+@pytest.mark.parametrize("overrides,fragments", BAD, ids=[" ".join(b[0])[:40] for b in BAD])
+def test_bad_config_cli(overrides, fragments, data_dir, tmp_path):
+    if "--config.input.data_dir" not in " ".join(overrides):
+        overrides = overrides + [f"--config.input.data_dir={data_dir}"]
+    result = run_main(f"--config={DIGITS}", f"--workdir={tmp_path}", *overrides, devices=8)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    message = [line for line in result.stderr.splitlines() if line.startswith("mixer_jax: error:")]
+    assert len(message) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in message[0], message[0]
+    assert not os.listdir(tmp_path)  # Nothing was started.
+
+
+def test_missing_config_file_and_workdir(tmp_path):
+    result = run_main("--config=configs/nope.py", f"--workdir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "config file 'configs/nope.py'" in result.stderr and "does not exist" in result.stderr
+    result = run_main(f"--config={DIGITS}")
+    assert result.returncode == 2 and "--workdir is required" in result.stderr
+
+
+def test_config_file_with_unknown_key(tmp_path):
+    path = tmp_path / "typo.py"
+    path.write_text(
+        "from mixer_jax.config import defaults\n"
+        "def get_config(arg=None):\n"
+        "    c = defaults()\n"
+        "    c.model.num_clases = 10\n"
+        "    return c\n"
+    )
+    result = run_main(f"--config={path}", f"--workdir={tmp_path / 'w'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unknown config key 'model.num_clases'" in result.stderr
+    assert "Did you mean 'model.num_classes'?" in result.stderr
+
+
+def test_config_file_that_raises(tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("def get_config(arg=None):\n    raise ValueError('needs :variant=')\n")
+    result = run_main(f"--config={path}", f"--workdir={tmp_path / 'w'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "could not be loaded" in result.stderr and "needs :variant=" in result.stderr
+
+
+def test_validate_in_process():
+    c = config_lib.defaults()
+    config_lib.validate(c, num_devices=8)
+    c.lr = 1  # An int where a float is expected is fine...
+    config_lib.validate(c, num_devices=8)
+    # ConfigDict checks types on assignment; a config file can still replace a whole section.
+    c.model = ml_collections.ConfigDict(c.model.to_dict() | {"gelu_approximate": 1})  # Not a bool.
+    with pytest.raises(config_lib.ConfigError, match="'model.gelu_approximate' has value 1 of type int"):
+        config_lib.validate(c, num_devices=8)
+
+
+def test_mesh_shape():
+    c = config_lib.defaults()
+    c.mesh.update(data=2, fsdp=-1, tensor=2)
+    assert config_lib.mesh_shape(c.mesh, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    c.mesh.update(data=-1, fsdp=-1)
+    with pytest.raises(config_lib.ConfigError, match="at most one axis may be -1"):
+        config_lib.mesh_shape(c.mesh, 8)
+    c.mesh.update(data=2, fsdp=2, tensor=1)
+    with pytest.raises(config_lib.ConfigError, match="covers 4 devices, but there are 8"):
+        config_lib.mesh_shape(c.mesh, 8)
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py")))
+def test_shipped_configs_validate(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config_lib.validate(module.get_config(None), num_devices=8)

@@ -1,0 +1,134 @@
+"""The built-in digits dataset, preprocessing ops, and the grain pipelines."""
+
+import os
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from mixer_jax.config import defaults
+from mixer_jax.data import digits, pipeline, preprocess
+
+
+def digits_config(data_dir, batch_size=64):
+    c = defaults()
+    c.input.dataset, c.input.data_dir = "digits", data_dir
+    c.input.pp_train = "pad_crop(1)|resize(16)|rgb|value_range(-1,1)|onehot(10)"
+    c.input.pp_eval = "resize(16)|rgb|value_range(-1,1)|onehot(10)"
+    c.batch_size = batch_size
+    return c
+
+
+def test_digits_split_is_fixed_and_complete(data_dir):
+    idx = digits.split_indices()
+    assert len(idx["train"]) == 1437 and len(idx["test"]) == 360
+    assert sorted(np.concatenate([idx["train"], idx["test"]]).tolist()) == list(range(1797))
+    source = pipeline.get_builder("digits", data_dir).as_data_source()
+    assert len(source["train"]) == 1437 and len(source["test"]) == 360
+    # The stored examples are scikit-learn's, scaled to uint8: compare the whole test split as a multiset.
+    sk = load_digits()
+    want = sorted(
+        (int(sk.target[i]), np.round(sk.images[i] * 255 / 16).astype(np.uint8).tobytes()) for i in idx["test"]
+    )
+    got = sorted((int(ex["label"]), ex["image"][..., 0].tobytes()) for ex in (source["test"][i] for i in range(360)))
+    assert got == want
+
+
+def test_digits_prepared_once(data_dir):
+    path = os.path.join(data_dir, "digits", "1.0.0")
+    stamp = os.path.getmtime(path)
+    builder = pipeline.get_builder("digits", data_dir)
+    assert builder.is_prepared() and os.path.getmtime(path) == stamp
+
+
+def test_preprocess_ops():
+    ex = {"image": np.full((8, 8, 1), 255, np.uint8), "label": 3}
+    out = preprocess.parse("resize(16)|rgb|value_range(-1, 1)|onehot(10)")(ex, np.random.default_rng(0))
+    assert out["image"].shape == (16, 16, 3) and out["image"].dtype == np.float32
+    np.testing.assert_allclose(out["image"], 1.0)
+    np.testing.assert_array_equal(out["labels"], np.eye(10)[3])
+    multi = preprocess.parse("onehot(5)")({"label": [0, 4]}, None)
+    np.testing.assert_array_equal(multi["labels"], [1, 0, 0, 0, 1])
+    shift = preprocess.parse("pad_crop(2)")
+    crops = [shift({"image": np.ones((4, 4, 1), np.uint8)}, np.random.default_rng(s))["image"] for s in range(20)]
+    assert all(c.shape == (4, 4, 1) for c in crops)
+    assert {int(c.sum()) for c in crops} > {16} and min(int(c.sum()) for c in crops) >= 4
+
+
+@pytest.mark.parametrize(
+    "pp,message",
+    [
+        ("resize(16)|blur(2)", "unknown preprocessing op 'blur'"),
+        ("resize(0)", "size must be a positive integer"),
+        ("value_range(1, -1)", "vmin < vmax"),
+        ("resize(16", "cannot parse preprocessing op"),
+        ("onehot(n)", "arguments must be literals"),
+        ("resize(16, 16, 16)", "resize(16, 16, 16)"),
+    ],
+)
+def test_preprocess_errors(pp, message):
+    with pytest.raises(preprocess.PreprocessError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        preprocess.parse(pp)
+
+
+def test_train_stream_is_deterministic_and_process_independent(data_dir):
+    c = digits_config(data_dir)
+    one = pipeline.make_train(c, process_index=0, process_count=1)
+    again = pipeline.make_train(c, process_index=0, process_count=1)
+    halves = [pipeline.make_train(c, process_index=p, process_count=2) for p in range(2)]
+    for _ in range(3):
+        a, b = next(one), next(again)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        parts = [next(h) for h in halves]
+        assert a["image"].shape == (64, 16, 16, 3) and parts[0]["image"].shape == (32, 16, 16, 3)
+        # Same examples, augmentation included: process p holds positions p, p+2, ...
+        union = np.empty_like(a["image"])
+        union[0::2], union[1::2] = parts[0]["image"], parts[1]["image"]
+        np.testing.assert_array_equal(union, a["image"])
+    c.seed = 1
+    other = pipeline.make_train(c, process_index=0, process_count=1)
+    assert not np.array_equal(
+        next(other)["image"],
+        next(pipeline.make_train(digits_config(data_dir), process_index=0, process_count=1))["image"],
+    )
+
+
+def test_train_iterator_resumes_exactly(data_dir):
+    c = digits_config(data_dir)
+    straight = pipeline.make_train(c, process_index=0, process_count=1)
+    want = [next(straight)["labels"] for _ in range(10)]
+    first = pipeline.make_train(c, process_index=0, process_count=1)
+    for _ in range(5):
+        next(first)
+    state = first.get_state()
+    resumed = pipeline.make_train(c, process_index=0, process_count=1)
+    resumed.set_state(state)
+    for i in range(5, 10):
+        np.testing.assert_array_equal(next(resumed)["labels"], want[i])
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_eval_counts_every_example_once(data_dir, process_count):
+    c = digits_config(data_dir, batch_size=64)
+    views = [pipeline.make_eval(c, process_index=p, process_count=process_count) for p in range(process_count)]
+    assert all(v.num_examples == 360 and v.num_batches == 6 for v in views)  # ceil(360 / 64)
+    labels, masks = [], []
+    for v in views:
+        batches = list(v)
+        assert len(batches) == 6 and all(b["image"].shape[0] == 64 // process_count for b in batches)
+        labels.append(np.concatenate([b["labels"].argmax(-1) for b in batches]))
+        masks.append(np.concatenate([b["mask"] for b in batches]))
+    assert sum(m.sum() for m in masks) == 360
+    # The real examples are the test split in order, each exactly once.
+    order = np.empty(6 * 64, np.int64)
+    mask = np.empty(6 * 64, bool)
+    for p in range(process_count):
+        order[p::process_count], mask[p::process_count] = labels[p], masks[p]
+    source = pipeline.get_builder("digits", data_dir).as_data_source("test")
+    np.testing.assert_array_equal(order[mask], [source[i]["label"] for i in range(360)])
+    assert mask[:360].all() and not mask[360:].any()
+
+
+def test_missing_dataset_message(tmp_path):
+    with pytest.raises(pipeline.DatasetError, match="tfds build cifar10 --data_dir=.* --file_format=array_record"):
+        pipeline.get_builder("cifar10", str(tmp_path))

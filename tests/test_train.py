@@ -1,0 +1,75 @@
+"""End to end: the CLI trains digits, evaluates every test example, writes summaries and checkpoints."""
+
+import glob
+import os
+import re
+
+import jax
+import pytest
+from test_config import run_main
+
+from mixer_jax import train
+from mixer_jax.config import defaults
+
+
+def event_tags(workdir):
+    import tensorflow as tf
+
+    tags = set()
+    for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags |= {v.tag for v in event.summary.value}
+    return tags
+
+
+def test_cli_short_run_and_resume(data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    common = [
+        "--config=configs/digits.py",
+        f"--workdir={workdir}",
+        f"--config.input.data_dir={data_dir}",
+        "--config.log_every=10",
+        "--config.eval_every=15",
+        "--config.checkpoint_every=15",
+    ]
+    result = run_main(*common, "--config.total_steps=30", "--config.warmup_steps=5", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stderr
+    assert re.search(r"step 20/30  loss [\d.]+  lr [\d.e+-]+  [\d.]+ steps/s  [\d.]+ img/s  ETA \d+m\d\ds", log)
+    assert "eval accuracy" in log and "(360 examples)" in log
+    assert re.search(r"final test accuracy [\d.]+% on 360 examples", log)
+    assert "orbax" not in log.lower()  # Library INFO chatter stays out of the console.
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=str) == ["15", "30"]
+    assert {"train/loss", "train/lr", "eval/accuracy", "perf/steps_per_s"} <= event_tags(workdir)
+
+    result = run_main(*common, "--config.total_steps=40", "--config.warmup_steps=5", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step 30" in result.stderr and "training from step 30 to 40" in result.stderr
+    assert "40" in os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_in_process_on_8_devices(data_dir, tmp_path):
+    assert jax.device_count() == 8
+    c = defaults()
+    c.model.update(variant="Mu/4", image_size=16, num_classes=10)
+    c.input.update(
+        dataset="digits",
+        data_dir=data_dir,
+        pp_train="resize(16)|rgb|value_range(-1,1)|onehot(10)",
+        pp_eval="resize(16)|rgb|value_range(-1,1)|onehot(10)",
+    )
+    c.update(batch_size=48, total_steps=6, warmup_steps=2, log_every=3, eval_every=0, checkpoint_every=0)
+    metrics = train.train_and_evaluate(c, str(tmp_path))
+    assert metrics["eval/examples"] == 360  # 8 batches of 48, the last one padded: each example once.
+    assert 0.0 <= metrics["eval/accuracy"] <= 1.0 and metrics["eval/loss"] > 0
+
+
+@pytest.mark.skipif(os.environ.get("MIXER_JAX_SKIP_QUICKSTART") == "1", reason="quickstart run disabled")
+def test_quickstart_reaches_98_percent(data_dir, tmp_path):
+    """The README's first command, as shipped: at least 98.0% of the 360 test digits."""
+    result = run_main(
+        "--config=configs/digits.py", f"--workdir={tmp_path}", f"--config.input.data_dir={data_dir}", timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = float(re.search(r"final test accuracy ([\d.]+)% on 360 examples", result.stderr).group(1))
+    assert accuracy >= 98.0
