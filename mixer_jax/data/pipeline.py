@@ -64,7 +64,8 @@ def get_builder(name: str, data_dir: str, *, prepare: bool = True) -> tfds.core.
         raise DatasetError(
             f"dataset {name!r} under {data_dir} is stored as {fmt.value if fmt else 'unknown'}, but "
             f"random access needs array_record. Convert it with `tfds convert_format "
-            f"--root_data_dir={data_dir} --out_file_format=array_record`, or rebuild with `{build_cmd}`."
+            f"--root_data_dir={data_dir} --out_file_format=array_record` (after `pip install apache-beam`), "
+            f"or rebuild with `{build_cmd}`."
         )
     return builder
 
