@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -55,3 +56,21 @@ class Checkpointer:
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def load_state_numpy(directory: str, step: int | None = None) -> tuple[int, dict]:
+    """(step, the saved train state as nested dicts of numpy arrays), on any device count.
+
+    `directory` is a checkpoints directory; `step` defaults to the latest complete one.
+    """
+    manager = ocp.CheckpointManager(os.path.abspath(directory))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    path = os.path.join(manager.directory, str(step), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    metadata = checkpointer.metadata(path).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    manager.close()
+    return step, state

@@ -33,6 +33,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.seed = 0
     c.total_steps = 1000
     c.batch_size = 128  # Global, over all processes.
+    c.accum_steps = 1  # Gradient accumulation: batch_size is split into this many microbatches.
     c.lr = 1e-3
     c.wd = 1e-4  # Decoupled weight decay (AdamW), on the parameters matched by optim.wd_regex.
     c.warmup_steps = 100
@@ -41,7 +42,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables it.
     c.loss = "softmax_xent"
     c.optim = ml_collections.ConfigDict(
-        dict(name="adamw", b1=0.9, b2=0.999, eps=1e-8, momentum=0.9, wd_regex=r".*/kernel$")
+        dict(name="adamw", b1=0.9, b2=0.999, eps=1e-8, momentum=0.9, wd_regex=r".*/kernel$", state_dtype="float32")
     )
 
     c.model = ml_collections.ConfigDict(
@@ -54,12 +55,14 @@ def defaults() -> ml_collections.ConfigDict:
             gelu_approximate=True,
             dropout_rate=0.0,
             stoch_depth=0.0,
+            scan_blocks=False,  # One nn.scan over the blocks: compile time independent of depth.
+            remat="none",  # none, full, dots, dots_no_batch: activations recomputed in backward.
         )
     )
 
     c.input = ml_collections.ConfigDict(
         dict(
-            dataset="digits",
+            dataset="digits",  # A TFDS name, the built-in "digits", or "synthetic" (no data).
             data_dir="",  # "" = $TFDS_DATA_DIR, else ~/tensorflow_datasets.
             train_split="train",
             eval_split="test",
@@ -176,6 +179,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
         ("optim.name", OPTIMIZERS),
         ("model.dtype", DTYPES),
         ("model.param_dtype", DTYPES),
+        ("optim.state_dtype", DTYPES),
+        ("model.remat", tuple(models.REMAT_POLICIES)),
     ):
         value = functools.reduce(lambda c, k: c[k], key.split("."), config)
         _require(value in allowed, f"config key '{key}' is {value!r}; allowed: {', '.join(allowed)}.")
@@ -204,12 +209,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
 
     sizes = mesh_shape(config.mesh, num_devices)
     batch_shards = sizes["data"] * sizes["fsdp"]
+    _require(config.accum_steps >= 1, f"config key 'accum_steps' is {config.accum_steps}; use >= 1.")
+    unit = math.lcm(batch_shards, num_processes) * config.accum_steps
     _require(
-        config.batch_size > 0 and config.batch_size % batch_shards == 0 and config.batch_size % num_processes == 0,
-        f"config key 'batch_size' is {config.batch_size}, which is not divisible by the "
-        f"{batch_shards} batch shards (mesh data x fsdp = {sizes['data']} x {sizes['fsdp']}) "
-        f"and {num_processes} process(es); use a multiple of "
-        f"{math.lcm(batch_shards, num_processes)}.",
+        config.batch_size > 0 and config.batch_size % unit == 0,
+        f"config key 'batch_size' is {config.batch_size}, which is not divisible by the {batch_shards} batch shards "
+        f"(mesh data x fsdp = {sizes['data']} x {sizes['fsdp']}), {num_processes} process(es) and "
+        f"accum_steps={config.accum_steps} microbatches; use a multiple of {unit}.",
     )
 
     _require(config.input.num_workers >= 0, f"config key 'input.num_workers' is {config.input.num_workers}; use >= 0.")

@@ -17,10 +17,48 @@ from ml_collections import config_flags
 
 from mixer_jax import config as config_lib
 
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with :ARG.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and logs.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("MIXER_COORDINATOR_ADDRESS"), "HOST:PORT of process 0, for multi-process."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", _env_int("MIXER_NUM_PROCESSES"), "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", _env_int("MIXER_PROCESS_ID"), "This process's index.")
 
 EXIT_BAD_CONFIG = 2
+
+
+def initialize_distributed() -> None:
+    """Starts JAX's multi-controller runtime when this is one of several processes.
+
+    Explicit: --coordinator_address/--num_processes/--process_id (or MIXER_COORDINATOR_ADDRESS,
+    MIXER_NUM_PROCESSES, MIXER_PROCESS_ID). Auto-detected by jax: a SLURM job with several tasks, a
+    multi-host TPU VM, or MIXER_DISTRIBUTED=1. CPU processes exchange data through gloo.
+    """
+    import jax
+
+    explicit = _COORDINATOR.value is not None
+    slurm = os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if not (explicit or slurm or tpu_pod or os.environ.get("MIXER_DISTRIBUTED") == "1"):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+            _fail("--coordinator_address needs --num_processes and --process_id as well.")
+        if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+            _fail(f"--process_id {_PROCESS_ID.value} must lie in [0, --num_processes={_NUM_PROCESSES.value}).")
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    else:
+        jax.distributed.initialize()
+    if jax.process_index() > 0:
+        logging.set_verbosity(logging.WARNING)  # Process 0 speaks for the run.
 
 
 def _fail(message: str) -> None:
@@ -83,6 +121,7 @@ def main(argv: list[str]) -> None:
         _fail(f"unexpected arguments {argv[1:]}; pass options as --config.KEY=VALUE.")
     if not _WORKDIR.value:
         _fail("--workdir is required: the directory for checkpoints, summaries and logs.")
+    initialize_distributed()
     import jax
 
     from mixer_jax import train

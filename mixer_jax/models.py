@@ -32,7 +32,17 @@ PAPER_VARIANTS = ("S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14")
 _VARIANT_RE = re.compile(r"^([A-Za-z]+)/(\d+)$")
 
 # Logical axis names used by the annotations below. `sharding.DEFAULT_RULES` maps them to the mesh.
-LOGICAL_AXES = ("embed", "tokens", "token_mlp", "channel_mlp", "classes", "patch_height", "patch_width", "pixels")
+LOGICAL_AXES = (
+    "layers",
+    "embed",
+    "tokens",
+    "token_mlp",
+    "channel_mlp",
+    "classes",
+    "patch_height",
+    "patch_width",
+    "pixels",
+)
 
 
 def parse_variant(variant: str) -> dict[str, int]:
@@ -117,10 +127,12 @@ class MixerBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
     gelu_approximate: bool = True
     dropout_rate: float = 0.0
+    deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, drop_rates: jax.Array, *, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, drop_rates: jax.Array) -> jax.Array:
         """x: (batch, tokens, channels). drop_rates: (2,) stochastic-depth rates of the two MLPs."""
+        deterministic = self.deterministic
         mlp = dict(
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -167,6 +179,8 @@ class MlpMixer(nn.Module):
     gelu_approximate: bool = True
     dropout_rate: float = 0.0
     stoch_depth: float = 0.0
+    scan_blocks: bool = False
+    remat: str = "none"
 
     def __post_init__(self):
         p = self.patch_size
@@ -175,6 +189,8 @@ class MlpMixer(nn.Module):
             raise ValueError(
                 f"image_size {self.image_size} is not divisible by patch {p}: use a multiple of {p}, e.g. {nearest}"
             )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         super().__post_init__()
 
     @property
@@ -211,17 +227,7 @@ class MlpMixer(nn.Module):
             name="stem",
         )(images)
         x = x.reshape(n, -1, self.hidden_dim)  # row-major token order, as the official einops.
-        rates = self.drop_rates()
-        for i in range(self.num_blocks):
-            x = MixerBlock(
-                self.tokens_mlp_dim,
-                self.channels_mlp_dim,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                gelu_approximate=self.gelu_approximate,
-                dropout_rate=self.dropout_rate,
-                name=f"MixerBlock_{i}",
-            )(x, rates[i], deterministic=not train)
+        x = self._blocks(x, train)
         x = _layer_norm(self.dtype, self.param_dtype, name="pre_head_layer_norm")(x)
         x = jnp.mean(x, axis=1)
         self.sow("intermediates", "pre_logits", x)
@@ -235,6 +241,62 @@ class MlpMixer(nn.Module):
         )(x)
         return x.astype(jnp.float32)
 
+    def _blocks(self, x: jax.Array, train: bool) -> jax.Array:
+        """The Mixer blocks: a Python loop (`MixerBlock_{i}`, the official layout) or one `nn.scan`
+        over stacked parameters (`MixerBlock`, leading axis `layers`), whose compile time does not
+        grow with depth. `remat` recomputes activations in the backward pass by a policy."""
+        block = MixerBlock
+        if self.remat != "none":
+            block = nn.remat(MixerBlock, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_blocks)
+        kwargs = dict(
+            tokens_mlp_dim=self.tokens_mlp_dim,
+            channels_mlp_dim=self.channels_mlp_dim,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            gelu_approximate=self.gelu_approximate,
+            dropout_rate=self.dropout_rate,
+            deterministic=not train,
+        )
+        rates = self.drop_rates()
+        if not self.scan_blocks:
+            for i in range(self.num_blocks):
+                x = block(**kwargs, name=f"MixerBlock_{i}")(x, rates[i])
+            return x
+        scan = nn.scan(
+            lambda module, carry, r: (module(carry, r), None),
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True, "dropout": True},
+            length=self.num_blocks,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = scan(block(**kwargs, name="MixerBlock"), x, rates)
+        return x
+
+
+# Which activations a rematerialised block keeps for the backward pass; the rest is recomputed.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def stack_blocks(params: dict) -> dict:
+    """Official layout (`MixerBlock_{i}`) -> scanned layout (`MixerBlock`, stacked on axis 0)."""
+    n = sum(k.startswith("MixerBlock_") for k in params)
+    blocks = [params[f"MixerBlock_{i}"] for i in range(n)]
+    rest = {k: v for k, v in params.items() if not k.startswith("MixerBlock_")}
+    return rest | {"MixerBlock": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+def unstack_blocks(params: dict) -> dict:
+    """Scanned layout -> official layout."""
+    stacked = params["MixerBlock"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != "MixerBlock"}
+    return rest | {f"MixerBlock_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}
+
 
 _FIELDS = {f.name for f in dataclasses.fields(MlpMixer)} - {"parent", "name", "num_classes"}
 
@@ -244,7 +306,7 @@ def create(variant: str, *, num_classes: int, image_size: int = 224, **overrides
 
     `overrides` use the official field names (`hidden_dim`, `num_blocks`, `tokens_mlp_dim`,
     `channels_mlp_dim`, `patch_size`) plus `dtype`, `param_dtype`, `gelu_approximate`,
-    `dropout_rate` and `stoch_depth`.
+    `dropout_rate`, `stoch_depth`, `scan_blocks` and `remat` (a key of REMAT_POLICIES).
     """
     unknown = sorted(set(overrides) - _FIELDS)
     if unknown:

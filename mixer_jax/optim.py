@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -45,6 +46,7 @@ def regex_mask(params: Any, regex: str) -> Any:
 def make(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
     sched = schedule(config)
     o = config.optim
+    state_dtype = jnp.dtype(o.state_dtype)  # Momentum (and Adam's first moment) storage.
     if o.name == "adamw":
         core = optax.adamw(
             sched,
@@ -52,6 +54,7 @@ def make(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformatio
             b2=o.b2,
             eps=o.eps,
             weight_decay=config.wd,
+            mu_dtype=state_dtype,
             mask=lambda params: regex_mask(params, o.wd_regex),
         )
     else:
@@ -59,7 +62,7 @@ def make(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformatio
             optax.add_decayed_weights(config.wd, mask=lambda params: regex_mask(params, o.wd_regex))
             if config.wd
             else optax.identity(),
-            optax.sgd(sched, momentum=o.momentum or None),
+            optax.sgd(sched, momentum=o.momentum or None, accumulator_dtype=state_dtype),
         )
     if config.grad_clip_norm > 0:
         core = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), core)

@@ -20,10 +20,14 @@ from mixer_jax import config as config_lib
 BATCH_AXES = ("data", "fsdp")
 
 # Logical axis -> mesh axis. A mesh axis is used at most once per array; flax skips repeats.
+# FSDP shards every weight with an `embed` axis over `fsdp`; the token-mixing weights have none, so
+# their hidden axis takes `fsdp` as well as `tensor`. A dimension that the mesh axes do not divide
+# stays whole (see `fit_spec`).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
+    ("layers", None),
     ("embed", "fsdp"),
-    ("token_mlp", "tensor"),
+    ("token_mlp", ("tensor", "fsdp")),
     ("channel_mlp", "tensor"),
     ("tokens", None),
     ("classes", None),
@@ -41,14 +45,36 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = Non
     return Mesh(np.asarray(devices).reshape(shape), config_lib.MESH_AXES)
 
 
+def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes (last first) from any dimension whose size they do not divide."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        axes = list((axes,) if isinstance(axes, str) else axes or ())
+        while axes and dim % np.prod([mesh.shape[a] for a in axes]):
+            axes.pop()
+        fitted.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+    return PartitionSpec(*fitted)
+
+
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
-    """NamedShardings for a tree whose leaves may be boxed with logical axis names."""
-    specs = nn.get_partition_spec(abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    """NamedShardings for a tree whose leaves are boxed with logical axis names (unboxed leaves:
+    replicated)."""
+    specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_tree), rules)
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, fit_spec(spec, x.shape, mesh)),
+        specs,
+        nn.unbox(abstract_tree),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def microbatch_sharding(mesh: Mesh) -> NamedSharding:
+    """(accum, microbatch, ...) arrays: the microbatch axis sharded like a batch."""
+    return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

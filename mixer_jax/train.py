@@ -8,6 +8,8 @@ evaluation and checkpoint.
 from __future__ import annotations
 
 import functools
+import json
+import os
 import time
 from typing import Any
 
@@ -20,6 +22,7 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers
+from jax.sharding import Mesh
 
 from mixer_jax import checkpointing, models, optim, sharding
 from mixer_jax.data import pipeline
@@ -44,6 +47,8 @@ def create_model(config: ml_collections.ConfigDict) -> models.MlpMixer:
         gelu_approximate=m.gelu_approximate,
         dropout_rate=m.dropout_rate,
         stoch_depth=m.stoch_depth,
+        scan_blocks=m.scan_blocks,
+        remat=m.remat,
     )
 
 
@@ -56,6 +61,13 @@ def loss_fn(name: str, logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy(logits, labels)
 
 
+def _append_jsonl(workdir: str, step: int, metrics: dict[str, float], is_main: bool) -> None:
+    """Full-precision metrics, one JSON object per line, in WORKDIR/metrics.jsonl (process 0)."""
+    if is_main:
+        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
 def _format_time(seconds: float) -> str:
     seconds = int(seconds)
     return (
@@ -63,6 +75,35 @@ def _format_time(seconds: float) -> str:
         if seconds >= 3600
         else (f"{seconds // 60}m{seconds % 60:02d}s")
     )
+
+
+def sharded_init(model: models.MlpMixer, tx: optax.GradientTransformation, mesh: Mesh):
+    """(jitted `init_state(rng) -> TrainState`, the TrainState of NamedShardings it produces).
+
+    Parameter shardings come from the model's logical axis names; optimizer-state leaves shaped
+    like a parameter take that parameter's sharding, the rest (counts) are replicated.
+    """
+    image_shape = (1, model.image_size, model.image_size, 3)
+
+    def init_boxed(rng: jax.Array) -> tuple[Any, Any]:
+        params = model.init(jax.random.fold_in(rng, 0), jnp.zeros(image_shape, jnp.float32))["params"]
+        return params, tx.init(nn.unbox(params))
+
+    boxed_params, abstract_opt = jax.eval_shape(init_boxed, jax.random.key(0))
+    param_shardings = sharding.logical_shardings(boxed_params, mesh)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: sharding.replicated(mesh)
+    )
+    shardings = TrainState(
+        step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings, rng=sharding.replicated(mesh)
+    )
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init_state(rng: jax.Array) -> TrainState:
+        params, opt_state = init_boxed(rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=nn.unbox(params), opt_state=opt_state, rng=rng)
+
+    return init_state, shardings
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -77,7 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # Data. Process 0 prepares a built-in dataset before the others open it.
     if is_main:
-        pipeline.get_builder(config.input.dataset, config.input.data_dir)
+        pipeline.prepare(config.input)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -90,36 +131,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # outputs are placed by the logical-axis rules, so no tensor is ever whole on one device.
     model = create_model(config)
     tx, lr_schedule = optim.make(config)
-    image_shape = (1, config.model.image_size, config.model.image_size, 3)
-
-    def init_boxed(rng: jax.Array) -> tuple[Any, Any]:
-        params = model.init(jax.random.fold_in(rng, 0), jnp.zeros(image_shape, jnp.float32))["params"]
-        return params, tx.init(nn.unbox(params))
-
     base_rng = jax.random.key(config.seed)
-    boxed_params, abstract_opt = jax.eval_shape(init_boxed, base_rng)
-    param_shardings = sharding.logical_shardings(boxed_params, mesh)
-    param_specs = nn.get_partition_spec(boxed_params)
-    opt_shardings = optax.tree_map_params(
-        tx,
-        lambda _, spec: jax.sharding.NamedSharding(mesh, spec),
-        abstract_opt,
-        nn.logical_to_mesh(param_specs, sharding.DEFAULT_RULES),
-        transform_non_params=lambda _: sharding.replicated(mesh),
-        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
-    )
-    state_shardings = TrainState(
-        step=sharding.replicated(mesh),
-        params=param_shardings,
-        opt_state=opt_shardings,
-        rng=sharding.replicated(mesh),
-    )
-
-    @functools.partial(jax.jit, out_shardings=state_shardings)
-    def init_state(rng: jax.Array) -> TrainState:
-        params, opt_state = init_boxed(rng)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=nn.unbox(params), opt_state=opt_state, rng=rng)
-
+    init_state, state_shardings = sharded_init(model, tx, mesh)
     abstract_state = jax.eval_shape(init_state, base_rng)
     num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
     logging.info("model %s at %d px: %s parameters", config.model.variant, config.model.image_size, f"{num_params:,}")
@@ -134,15 +147,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = init_state(base_rng)
     first_step = int(state.step)
 
-    @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(state_shardings, None))
-    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-        rng = jax.random.fold_in(state.rng, state.step)
+    accum = config.accum_steps
 
+    def grads_and_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[Any, jax.Array]:
         def objective(params):
             logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
             return loss_fn(config.loss, logits, batch["labels"]).mean()
 
-        loss, grads = jax.value_and_grad(objective)(state.params)
+        loss, grads = jax.value_and_grad(objective)(params)
+        return grads, loss
+
+    @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(state_shardings, None))
+    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        if accum == 1:
+            grads, loss = grads_and_loss(state.params, batch, rng)
+        else:
+            # Microbatch a holds rows a, a + accum, a + 2·accum, ...: every device keeps its share of
+            # each microbatch, so accumulation moves no data. Equal sizes: the mean of the
+            # microbatch means is the full-batch mean.
+            micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1), batch)
+            micro = jax.lax.with_sharding_constraint(micro, sharding.microbatch_sharding(mesh))
+
+            def body(carry, xs):
+                i, mb = xs
+                grads, loss = grads_and_loss(state.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (grads, loss)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32))
+            (grads, loss), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+            grads, loss = jax.tree.map(lambda x: x / accum, (grads, loss))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads), "train/lr": lr_schedule(state.step)}
@@ -203,6 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     "perf/tflops": steps_per_s * flops_per_step / 1e12,
                 }
                 writer.write_scalars(step, summary)
+                _append_jsonl(workdir, step, summary, is_main)
                 eta = (config.total_steps - step) / max(steps_per_s, 1e-9)
                 logging.info(
                     "step %d/%d  loss %.4f  lr %.2e  %.2f steps/s  %.1f img/s  ETA %s",
@@ -218,6 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if is_last or (config.eval_every and step % config.eval_every == 0):
                 eval_metrics = evaluate(state.params)
                 writer.write_scalars(step, eval_metrics)
+                _append_jsonl(workdir, step, eval_metrics, is_main)
                 logging.info(
                     "step %d  eval accuracy %.4f  loss %.4f  (%d examples)",
                     step,

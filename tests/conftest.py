@@ -12,6 +12,16 @@ import pytest  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def load_config(name: str, arg: str | None = None):
+    """configs/NAME.py's get_config(arg)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"configs.{name}", os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A TFDS data_dir with the built-in digits dataset prepared once for the whole session."""

@@ -6,7 +6,7 @@ import sys
 
 import ml_collections
 import pytest
-from conftest import REPO
+from conftest import REPO, load_config
 
 from mixer_jax import config as config_lib
 
@@ -118,9 +118,4 @@ def test_mesh_shape():
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py")))
 def test_shipped_configs_validate(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config_lib.validate(module.get_config(None), num_devices=8)
+    config_lib.validate(load_config(name.removesuffix(".py")), num_devices=8)

@@ -26,6 +26,26 @@ import tensorflow_datasets as tfds
 from mixer_jax.data import digits, preprocess
 
 BUILTIN = {"digits": digits.Digits}
+SYNTHETIC = "synthetic"
+SYNTHETIC_SPLITS = {"train": 1_281_167, "test": 10_000}  # ImageNet-sized train split.
+
+
+class SyntheticSource:
+    """Random uint8 images and labels, a pure function of the index: bring-up and benchmarks
+    without data. Same fields as a TFDS image classification source."""
+
+    def __init__(self, num_examples: int, image_size: int, num_classes: int):
+        self.num_examples, self.image_size, self.num_classes = num_examples, image_size, num_classes
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = np.random.default_rng(index)
+        image = rng.integers(0, 256, (self.image_size, self.image_size, 3), dtype=np.uint8)
+        return {"image": image, "label": int(rng.integers(self.num_classes))}
+
+
 FIELDS = ("image", "labels")
 
 
@@ -74,7 +94,10 @@ def check(input_config: ml_collections.ConfigDict) -> None:
     """Start-up checks: the ops parse, the dataset and splits exist. Raises DatasetError/PreprocessError."""
     preprocess.parse(input_config.pp_train)
     preprocess.parse(input_config.pp_eval)
-    if input_config.dataset in BUILTIN:  # Prepared on first use; its splits are fixed.
+    if input_config.dataset == SYNTHETIC:
+        splits = tuple(SYNTHETIC_SPLITS)
+        known = lambda split: split in splits  # noqa: E731
+    elif input_config.dataset in BUILTIN:  # Prepared on first use; its splits are fixed.
         splits = BUILTIN[input_config.dataset].SPLITS
         known = lambda split: split.split("[")[0] in splits  # noqa: E731
     else:
@@ -97,8 +120,16 @@ def _split_exists(builder: tfds.core.DatasetBuilder, split: str) -> bool:
         return False
 
 
-def _source(input_config: ml_collections.ConfigDict, split: str):
-    builder = get_builder(input_config.dataset, input_config.data_dir)
+def prepare(input_config: ml_collections.ConfigDict) -> None:
+    """Prepares a built-in dataset if it is not yet (call on one process, then synchronise)."""
+    if input_config.dataset in BUILTIN:
+        get_builder(input_config.dataset, input_config.data_dir)
+
+
+def _source(config: ml_collections.ConfigDict, split: str):
+    if config.input.dataset == SYNTHETIC:
+        return SyntheticSource(SYNTHETIC_SPLITS[split], config.model.image_size, config.model.num_classes)
+    builder = get_builder(config.input.dataset, config.input.data_dir)
     return builder.as_data_source(split=split)
 
 
@@ -115,7 +146,7 @@ def _select(example: dict[str, Any]) -> dict[str, np.ndarray]:
 def make_train(config: ml_collections.ConfigDict, *, process_index: int, process_count: int) -> grain.DatasetIterator:
     """The infinite, checkpointable stream of this process's training batches."""
     pp = preprocess.parse(config.input.pp_train)
-    ds = grain.MapDataset.source(_source(config.input, config.input.train_split))
+    ds = grain.MapDataset.source(_source(config, config.input.train_split))
     ds = ds.seed(config.seed).shuffle().repeat()
     ds = ds.random_map(lambda ex, rng: _select(pp(ex, rng)))
     ds = ds[process_index::process_count]
@@ -140,7 +171,7 @@ class EvalData:
 def make_eval(
     config: ml_collections.ConfigDict, *, process_index: int, process_count: int, split: str | None = None
 ) -> EvalData:
-    source = _source(config.input, split or config.input.eval_split)
+    source = _source(config, split or config.input.eval_split)
     pp = preprocess.parse(config.input.pp_eval)
     num_examples = len(source)
     num_batches = math.ceil(num_examples / config.batch_size)

@@ -1,0 +1,174 @@
+"""Sharding layouts, gradient accumulation and multiple processes give the numbers of one device."""
+
+import json
+import os
+import socket
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, load_config
+from jax.sharding import PartitionSpec as P
+from test_config import run_main
+
+from mixer_jax import checkpointing, optim, sharding, train
+from mixer_jax.config import defaults
+
+PP = "pad_crop(1)|resize(16)|rgb|value_range(-1,1)|onehot(10)"
+# Mixer-Mu/4 on digits: every width divides 8. SGD with momentum: its update is linear in the
+# gradient, so parameters can be compared at rtol 1e-5. (Adam's m/sqrt(v) turns reduction-order noise in
+# near-zero gradients into update differences of up to ~0.5% of lr; the losses still agree.)
+OVERRIDES = {
+    "model.variant": "Mu/4", "model.image_size": 16, "model.num_classes": 10, "input.pp_train": PP,
+    "input.pp_eval": "resize(16)|rgb|value_range(-1,1)|onehot(10)", "batch_size": 32, "warmup_steps": 1,
+    "log_every": 1, "eval_every": 0, "checkpoint_every": 0, "lr": 0.1, "optim.name": "sgd",
+}
+
+
+def small_config(data_dir, **kw):
+    c = load_config("digits")  # The base of cli_args too.
+    for key, value in (OVERRIDES | {"input.data_dir": data_dir} | kw).items():
+        *parents, leaf = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def cli_args(data_dir, workdir, **kw):
+    values = OVERRIDES | {"input.data_dir": data_dir} | kw
+    return ["--config=configs/digits.py", f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return np.array([r["train/loss"] for r in rows if "train/loss" in r])
+
+
+def params(workdir):
+    return checkpointing.load_state_numpy(os.path.join(workdir, "checkpoints"))[1]["params"]
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+@pytest.fixture(scope="module")
+def one_device_run(data_dir, tmp_path_factory):
+    """3 steps on a single device, in a process of its own."""
+    workdir = str(tmp_path_factory.mktemp("one_device"))
+    result = run_main(*cli_args(data_dir, workdir, total_steps=3), devices=1, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8)])
+def test_layouts_match_one_device(mesh, one_device_run, data_dir, tmp_path):
+    data, fsdp, tensor = mesh
+    c = small_config(data_dir, total_steps=3, **{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
+    train.train_and_evaluate(c, str(tmp_path))
+    np.testing.assert_allclose(losses(tmp_path), losses(one_device_run), rtol=1e-5)
+    assert len(losses(tmp_path)) == 3
+    assert_trees_close(params(tmp_path), params(one_device_run))
+
+
+@pytest.mark.parametrize(
+    "mesh,channel_in,token_in,head",
+    [
+        ((8, 1, 1), (32, 128), (16, 16), (32, 10)),  # Data parallel: whole on every device.
+        ((1, 8, 1), (4, 128), (16, 2), (4, 10)),  # FSDP: the embed axis (token MLP: hidden) split 8 ways.
+        ((1, 1, 8), (32, 16), (16, 2), (32, 10)),  # Tensor parallel: the MLP hidden dims split.
+        ((2, 2, 2), (16, 64), (16, 4), (16, 10)),
+    ],
+)
+def test_declared_shardings(mesh, channel_in, token_in, head, data_dir):
+    c = small_config(data_dir, **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
+    m = sharding.make_mesh(c.mesh)
+    tx, _ = optim.make(c)
+    init_state, shardings = train.sharded_init(train.create_model(c), tx, m)
+    state = init_state(jax.random.key(0))
+    block = state.params["MixerBlock_0"]
+    mu = state.opt_state[1][1][0].trace["MixerBlock_0"]  # clip -> (decay, sgd momentum) chain.
+    for tree in (block, mu):
+        assert tree["channel_mixing"]["Dense_0"]["kernel"].addressable_shards[0].data.shape == channel_in
+        assert tree["token_mixing"]["Dense_0"]["kernel"].addressable_shards[0].data.shape == token_in
+    assert state.params["head"]["kernel"].addressable_shards[0].data.shape == head
+    if mesh == (1, 8, 1):
+        assert shardings.params["MixerBlock_0"]["channel_mixing"]["Dense_0"]["kernel"].spec == P("fsdp", "tensor")
+        # Every weight of more than one dimension is split: nothing is whole on one device.
+        for x in jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state[1][1][0].trace):
+            if x.ndim > 1:
+                assert x.addressable_shards[0].data.size == x.size // 8
+
+
+def test_fit_spec_keeps_indivisible_dims_whole():
+    c = defaults()
+    c.mesh.update(data=1, fsdp=8, tensor=1)
+    m = sharding.make_mesh(c.mesh)
+    assert sharding.fit_spec(P("fsdp", ("tensor", "fsdp")), (196, 384), m) == P(None, ("tensor", "fsdp"))
+
+
+def test_gradient_accumulation_matches_large_batch(data_dir, tmp_path):
+    c = small_config(data_dir, total_steps=1, batch_size=64, **{"mesh.data": 8})
+    train.train_and_evaluate(c, str(tmp_path / "large"))
+    c.accum_steps = 4  # 4 microbatches of 16.
+    train.train_and_evaluate(c, str(tmp_path / "accum"))
+    np.testing.assert_allclose(losses(tmp_path / "accum"), losses(tmp_path / "large"), rtol=1e-5)
+    assert_trees_close(params(tmp_path / "accum"), params(tmp_path / "large"))
+
+
+def port_is_free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", int(port)))
+            return True
+        except OSError:
+            return False
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(data_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("eight_devices"))
+    train.train_and_evaluate(small_config(data_dir, total_steps=20, schedule="constant"), workdir)
+    return workdir
+
+
+def test_two_processes_match_one(eight_device_run, data_dir, tmp_path):
+    """launch/local.sh: 2 processes x 4 CPU devices, the loss trajectory of 1 process x 8 devices."""
+    workdir = str(tmp_path / "run")
+    args = cli_args(data_dir, workdir, total_steps=20, schedule="constant")
+    result = subprocess.run(
+        ["bash", "launch/local.sh", "--num_processes=2", "--devices_per_process=4", f"--port={free_port()}", "--", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    np.testing.assert_allclose(losses(workdir), losses(eight_device_run), rtol=1e-5)
+    assert len(losses(workdir)) == 20
+
+
+def test_slurm_environment_on_loopback(eight_device_run, data_dir, tmp_path):
+    """Two processes that know only SLURM's variables find each other through jax's auto-detection."""
+    workdir = str(tmp_path / "run")
+    job_id = next(j for j in np.random.default_rng().permutation(2**12) if port_is_free(j + 65535 - 2**12 + 1))
+    procs = []
+    for i in range(2):
+        env = {"SLURM_JOB_ID": str(job_id), "SLURM_NTASKS": "2", "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
+               "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_NUM_NODES": "1", "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+        procs.append(subprocess.Popen(
+            ["python", "-m", "mixer_jax.main", *cli_args(data_dir, workdir, total_steps=5, schedule="constant")],
+            cwd=REPO, env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
+    assert "2 process(es)" in outputs[0]
+    np.testing.assert_allclose(losses(workdir), losses(eight_device_run)[:5], rtol=1e-5)
