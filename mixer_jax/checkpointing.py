@@ -13,8 +13,8 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 

@@ -20,9 +20,18 @@ PP = "pad_crop(1)|resize(16)|rgb|value_range(-1,1)|onehot(10)"
 # gradient, so parameters can be compared at rtol 1e-5. (Adam's m/sqrt(v) turns reduction-order noise in
 # near-zero gradients into update differences of up to ~0.5% of lr; the losses still agree.)
 OVERRIDES = {
-    "model.variant": "Mu/4", "model.image_size": 16, "model.num_classes": 10, "input.pp_train": PP,
-    "input.pp_eval": "resize(16)|rgb|value_range(-1,1)|onehot(10)", "batch_size": 32, "warmup_steps": 1,
-    "log_every": 1, "eval_every": 0, "checkpoint_every": 0, "lr": 0.1, "optim.name": "sgd",
+    "model.variant": "Mu/4",
+    "model.image_size": 16,
+    "model.num_classes": 10,
+    "input.pp_train": PP,
+    "input.pp_eval": "resize(16)|rgb|value_range(-1,1)|onehot(10)",
+    "batch_size": 32,
+    "warmup_steps": 1,
+    "log_every": 1,
+    "eval_every": 0,
+    "checkpoint_every": 0,
+    "lr": 0.1,
+    "optim.name": "sgd",
 }
 
 
@@ -147,8 +156,12 @@ def test_two_processes_match_one(eight_device_run, data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     args = cli_args(data_dir, workdir, total_steps=20, schedule="constant")
     result = subprocess.run(
-        ["bash", "launch/local.sh", "--num_processes=2", "--devices_per_process=4", f"--port={free_port()}", "--", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        ["bash", "launch/local.sh", "--num_processes=2", "--devices_per_process=4", f"--port={free_port()}", "--"]
+        + args,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     np.testing.assert_allclose(losses(workdir), losses(eight_device_run), rtol=1e-5)
@@ -161,13 +174,26 @@ def test_slurm_environment_on_loopback(eight_device_run, data_dir, tmp_path):
     job_id = next(j for j in np.random.default_rng().permutation(2**12) if port_is_free(j + 65535 - 2**12 + 1))
     procs = []
     for i in range(2):
-        env = {"SLURM_JOB_ID": str(job_id), "SLURM_NTASKS": "2", "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
-               "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_NUM_NODES": "1", "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-        procs.append(subprocess.Popen(
-            ["python", "-m", "mixer_jax.main", *cli_args(data_dir, workdir, total_steps=5, schedule="constant")],
-            cwd=REPO, env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
+        env = {
+            "SLURM_JOB_ID": str(job_id),
+            "SLURM_NTASKS": "2",
+            "SLURM_PROCID": str(i),
+            "SLURM_LOCALID": str(i),
+            "SLURM_STEP_NODELIST": "localhost",
+            "SLURM_STEP_NUM_NODES": "1",
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        }
+        procs.append(
+            subprocess.Popen(
+                ["python", "-m", "mixer_jax.main", *cli_args(data_dir, workdir, total_steps=5, schedule="constant")],
+                cwd=REPO,
+                env=dict(os.environ, **env),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
     assert "2 process(es)" in outputs[0]
