@@ -106,6 +106,53 @@ def sharded_init(model: models.MlpMixer, tx: optax.GradientTransformation, mesh:
     return init_state, shardings
 
 
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    model: models.MlpMixer,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    mesh: Mesh,
+    state_shardings: TrainState,
+):
+    """The jitted step `(state, batch) -> (state, metrics)`; the state is donated."""
+    accum = config.accum_steps
+
+    def grads_and_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[Any, jax.Array]:
+        def objective(params):
+            logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+            return loss_fn(config.loss, logits, batch["labels"]).mean()
+
+        loss, grads = jax.value_and_grad(objective)(params)
+        return grads, loss
+
+    @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(state_shardings, None))
+    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        if accum == 1:
+            grads, loss = grads_and_loss(state.params, batch, rng)
+        else:
+            # Microbatch a holds rows a, a + accum, a + 2·accum, ...: every device keeps its share of
+            # each microbatch, so accumulation moves no data. Equal sizes: the mean of the
+            # microbatch means is the full-batch mean.
+            micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1), batch)
+            micro = jax.lax.with_sharding_constraint(micro, sharding.microbatch_sharding(mesh))
+
+            def body(carry, xs):
+                i, mb = xs
+                grads, loss = grads_and_loss(state.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (grads, loss)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32))
+            (grads, loss), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+            grads, loss = jax.tree.map(lambda x: x / accum, (grads, loss))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads), "train/lr": lr_schedule(state.step)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
     is_main = jax.process_index() == 0
@@ -147,40 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = init_state(base_rng)
     first_step = int(state.step)
 
-    accum = config.accum_steps
-
-    def grads_and_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[Any, jax.Array]:
-        def objective(params):
-            logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
-            return loss_fn(config.loss, logits, batch["labels"]).mean()
-
-        loss, grads = jax.value_and_grad(objective)(params)
-        return grads, loss
-
-    @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(state_shardings, None))
-    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-        rng = jax.random.fold_in(state.rng, state.step)
-        if accum == 1:
-            grads, loss = grads_and_loss(state.params, batch, rng)
-        else:
-            # Microbatch a holds rows a, a + accum, a + 2·accum, ...: every device keeps its share of
-            # each microbatch, so accumulation moves no data. Equal sizes: the mean of the
-            # microbatch means is the full-batch mean.
-            micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1), batch)
-            micro = jax.lax.with_sharding_constraint(micro, sharding.microbatch_sharding(mesh))
-
-            def body(carry, xs):
-                i, mb = xs
-                grads, loss = grads_and_loss(state.params, mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, (grads, loss)), None
-
-            zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32))
-            (grads, loss), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
-            grads, loss = jax.tree.map(lambda x: x / accum, (grads, loss))
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads), "train/lr": lr_schedule(state.step)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    train_step = make_train_step(config, model, tx, lr_schedule, mesh, state_shardings)
 
     @jax.jit
     def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -1,0 +1,197 @@
+"""Benchmarks of the trainer's own step: `python -m mixer_jax.bench train|infer [--flags] [--json]`.
+
+It times the jitted, sharded train step of `mixer_jax.train` (or the forward pass) on device-resident
+random batches, and reports images/s, achieved TFLOP/s from the analytic FLOPs (training = 3x
+forward), the same process's large-matmul TFLOP/s at the same dtype (the practical roofline), the
+ratio of the two (MFU vs matmul), the spec peak and MFU against it where the device is known,
+compile time and peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+
+_VARIANT = flags.DEFINE_string("variant", "B/16", "Model variant, e.g. B/16.")
+_BATCH = flags.DEFINE_integer("batch", 32, "Global batch size.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Image side in pixels.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_MESH = flags.DEFINE_string("mesh", "-1,1,1", "Mesh sizes data,fsdp,tensor (-1: the rest).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after one warm-up step; 0 compiles only.")
+_SCAN = flags.DEFINE_bool("scan", True, "Scan over the blocks (nn.scan).")
+_REMAT = flags.DEFINE_string("remat", "none", "Remat policy: none, full, dots, dots_no_batch.")
+_ACCUM = flags.DEFINE_integer("accum_steps", 1, "Gradient accumulation microbatches.")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classifier width.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+
+# Dense matrix peak FLOP/s by device kind and dtype, from the vendors' spec sheets (per chip/card).
+SPEC_PEAK = {
+    ("H100", "bfloat16"): 989.4e12,
+    ("H100", "float32"): 66.9e12,
+    ("H200", "bfloat16"): 989.4e12,
+    ("H200", "float32"): 66.9e12,
+    ("A100", "bfloat16"): 312e12,
+    ("A100", "float32"): 19.5e12,
+    ("TPU v3", "bfloat16"): 123e12,
+    ("TPU v4", "bfloat16"): 275e12,
+    ("TPU v5 lite", "bfloat16"): 197e12,
+    ("TPU v5p", "bfloat16"): 459e12,
+}
+
+
+def spec_peak(device_kind: str, dtype: str) -> float | None:
+    for (kind, dt), peak in SPEC_PEAK.items():
+        if kind.lower() in device_kind.lower() and dt == dtype:
+            return peak
+    return None
+
+
+def matmul_flops(dtype: str, size: int | None = None, repeats: int = 5) -> float:
+    """The best FLOP/s of a large square matmul on all devices (data parallel), in this process."""
+    import jax
+    import jax.numpy as jnp
+
+    n = jax.device_count()
+    size = size or (2048 if jax.default_backend() == "cpu" else 8192)
+    mesh = jax.sharding.Mesh(jax.devices(), ("d",))
+    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+    a = jax.device_put(jnp.ones((n, size, size), dtype), shard)
+    b = jax.device_put(jnp.ones((n, size, size), dtype), shard)
+    f = jax.jit(lambda a, b: jnp.einsum("nij,njk->nik", a, b, preferred_element_type=jnp.float32))
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n * size**3 / best
+
+
+def peak_memory_bytes(compiled: Any) -> int | None:
+    """The device allocator's peak where it reports one (GPU, TPU), else XLA's static estimate."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def bench_config():
+    from mixer_jax.config import defaults
+
+    c = defaults()
+    c.model.update(
+        variant=_VARIANT.value,
+        image_size=_IMAGE_SIZE.value,
+        num_classes=_NUM_CLASSES.value,
+        dtype=_DTYPE.value,
+        scan_blocks=_SCAN.value,
+        remat=_REMAT.value,
+    )
+    c.batch_size, c.accum_steps = _BATCH.value, _ACCUM.value
+    c.mesh.update(dict(zip(("data", "fsdp", "tensor"), map(int, _MESH.value.split(",")), strict=True)))
+    return c
+
+
+def run(mode: str) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from mixer_jax import checkpointing, models, optim, sharding, train
+    from mixer_jax import config as config_lib
+
+    c = bench_config()
+    config_lib.validate(c, num_devices=jax.device_count(), num_processes=jax.process_count())
+    mesh = sharding.make_mesh(c.mesh)
+    model = train.create_model(c)
+    tx, schedule = optim.make(c)
+    init_state, shardings = train.sharded_init(model, tx, mesh)
+    size, n = c.model.image_size, c.model.num_classes
+
+    def make_batch():
+        images = jax.random.uniform(jax.random.key(1), (c.batch_size, size, size, 3), jnp.float32, -1, 1)
+        return {"image": images, "labels": jax.nn.one_hot(jnp.arange(c.batch_size) % n, n)}
+
+    # Compile against shapes first: the timing is not disturbed by allocating the state.
+    abstract_state = checkpointing.abstract_with_shardings(jax.eval_shape(init_state, jax.random.key(0)), shardings)
+    batch_sharding = sharding.batch_sharding(mesh)
+    abstract_batch = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding), jax.eval_shape(make_batch)
+    )
+    if mode == "train":
+        step = train.make_train_step(c, model, tx, schedule, mesh, shardings)
+        flops_per_image = 6 * models.forward_macs(model)
+        abstract_args = (abstract_state, abstract_batch)
+    else:
+        step = jax.jit(lambda params, images: model.apply({"params": params}, images))
+        flops_per_image = 2 * models.forward_macs(model)
+        abstract_args = (abstract_state.params, abstract_batch["image"])
+    t = time.perf_counter()
+    compiled = step.lower(*abstract_args).compile()
+    compile_s = time.perf_counter() - t
+
+    state = init_state(jax.random.key(0))
+    batch = jax.device_put(make_batch(), batch_sharding)
+    args = (state, batch) if mode == "train" else (state.params, batch["image"])
+
+    def once(args):
+        out = compiled(*args)
+        return (out[0], batch) if mode == "train" else args, out
+
+    seconds = images_per_s = tflops = None
+    if _STEPS.value:  # --steps=0: compile only.
+        args, out = once(args)  # Warm-up.
+        jax.block_until_ready(out)
+        t = time.perf_counter()
+        for _ in range(_STEPS.value):
+            args, out = once(args)
+        jax.block_until_ready(out)
+        seconds = (time.perf_counter() - t) / _STEPS.value
+        images_per_s = c.batch_size / seconds
+        tflops = images_per_s * flops_per_image / 1e12
+    matmul = matmul_flops(_DTYPE.value) / 1e12
+    device = jax.devices()[0]
+    peak = spec_peak(device.device_kind, _DTYPE.value)
+    return {
+        "mode": mode,
+        "variant": _VARIANT.value,
+        "image_size": size,
+        "batch": c.batch_size,
+        "dtype": _DTYPE.value,
+        "mesh": dict(mesh.shape),
+        "scan": _SCAN.value,
+        "remat": _REMAT.value,
+        "device": f"{device.platform}:{device.device_kind} x{jax.device_count()}",
+        "step_s": seconds,
+        "images_per_s": images_per_s,
+        "tflops": tflops,
+        "matmul_tflops": matmul,
+        "mfu_vs_matmul": tflops / matmul if tflops else None,
+        "spec_peak_tflops": peak / 1e12 * jax.device_count() if peak else None,
+        "mfu_vs_spec": tflops / (peak / 1e12 * jax.device_count()) if peak and tflops else None,
+        "compile_s": compile_s,
+        "peak_memory_bytes": peak_memory_bytes(compiled),
+    }
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[1] not in ("train", "infer"):
+        sys.exit("usage: python -m mixer_jax.bench train|infer [--variant=B/16 --batch=32 ...] [--json]")
+    result = run(argv[1])
+    if _JSON.value:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        print(f"{key:>18}: {value:.4g}" if isinstance(value, float) else f"{key:>18}: {value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
