@@ -1,35 +1,94 @@
 """Orbax checkpoints of a run: train state, data-iterator position and the resolved config.
 
 Each checkpoint step holds three items: `state` (params, optimizer state, step, rng; restored
-straight into the target shardings), `data` (the grain iterator state, a global stream position,
-so it is valid for any process count) and `config` (JSON). Saves are asynchronous; Orbax writes
-each step to a temporary directory and renames it when complete, so a partial save is never
-picked up.
+straight into the target shardings, so a checkpoint written on one mesh or process count restores
+onto another), `data` (the grain iterator state: a count of global batches, valid for any process
+count) and `config` (JSON). Saves are asynchronous. Orbax writes each step to a temporary
+directory and renames it when complete, so a partial save (a crash, a kill) is never picked up;
+leftover temporary directories are removed at start-up. The last `keep_checkpoints` steps are
+kept, plus the best `keep_best` by an evaluation metric.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+# Keys that may differ between the config saved in a checkpoint and the one resuming from it.
+RESUMABLE_CHANGES = (
+    "total_steps",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "keep_best",
+    "best_metric",
+    "mode",
+    "eval_checkpoint",
+    "allow_config_change",
+    "accum_steps",
+    "mesh.data",
+    "mesh.fsdp",
+    "mesh.tensor",
+    "model.remat",
+    "input.data_dir",
+    "input.num_workers",
+    "input.prefetch",
+    "init.path",
+    "init.new_head",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used as configured. The message says why and what to do."""
 
 
 class Checkpointer:
-    def __init__(self, directory: str, *, keep: int):
+    def __init__(self, directory: str, *, keep: int, keep_best: int = 0, best_metric: str = "eval/accuracy"):
         self.directory = os.path.abspath(directory)
+        policies = [checkpoint_managers.LatestN(n=keep)]
+        if keep_best:
+            lower_is_better = best_metric.endswith("loss")
+            policies.append(
+                checkpoint_managers.BestN(
+                    get_metric_fn=lambda metrics: metrics[best_metric] * (-1 if lower_is_better else 1),
+                    n=keep_best,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
+            options=ocp.CheckpointManagerOptions(
+                create=True,
+                enable_async_checkpointing=True,
+                cleanup_tmp_directories=True,
+                preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+            ),
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_state: dict, config: ml_collections.ConfigDict) -> None:
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_state: dict,
+        config: ml_collections.ConfigDict,
+        metrics: dict[str, float] | None = None,
+    ) -> None:
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -37,15 +96,64 @@ class Checkpointer:
                 data=ocp.args.JsonSave(data_state),
                 config=ocp.args.JsonSave(config.to_dict()),
             ),
+            metrics=metrics,
+            force=True,
         )
+
+    def saved_config(self, step: int) -> dict:
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        except Exception as e:
+            raise self._unreadable(step, e) from None
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores `state` with the shapes, dtypes and shardings of `abstract_state`."""
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
-        )
+        mismatch = describe_mismatch(os.path.join(self.directory, str(step), "state"), abstract_state)
+        if mismatch:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} does not fit this model: {mismatch}. Resume it with "
+                f"the config it was written with (saved in {self.directory}/{step}/config), or use a new --workdir."
+            )
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+            )
+        except Exception as e:
+            raise self._unreadable(step, e) from None
+        if restored.data is None:
+            raise self._unreadable(step, ValueError("the data-iterator state is missing"))
         return restored.state, restored.data
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters (evaluation, fine-tuning): the optimizer that wrote them does not matter."""
+        mismatch = describe_mismatch(os.path.join(self.directory, str(step), "state"), {"params": abstract_params})
+        if mismatch:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} does not fit this model: {mismatch}.")
+        item = {"params": abstract_params}
+        restore_args = jax.tree.map(
+            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), item
+        )
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+                ),
+            )
+        except Exception as e:
+            raise self._unreadable(step, e) from None
+        return restored.state["params"]
+
+    def _unreadable(self, step: int, error: Exception) -> CheckpointError:
+        previous = [s for s in self.all_steps() if s < step]
+        hint = (
+            f"move {self.directory}/{step} aside to resume from step {previous[-1]}, the previous checkpoint"
+            if previous
+            else "move it aside to start the run afresh"
+        )
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        return CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable ({reason}); {hint}.")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -56,6 +164,73 @@ class Checkpointer:
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path): tuple(x.shape)
+        for path, x in flat
+        if hasattr(x, "shape")
+    }
+
+
+def describe_mismatch(state_dir: str, abstract_state: Any) -> str:
+    """'' if the saved tree has the keys and shapes of `abstract_state`, else what differs."""
+    try:
+        metadata = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+    except Exception:
+        return ""  # Unreadable metadata: reported by the restore itself.
+    saved = {k: v for k, v in _flat_shapes(metadata).items() if k.startswith("params/")}
+    wanted = {k: v for k, v in _flat_shapes(abstract_state).items() if k.startswith("params/")}
+    parts = []
+    if only := sorted(set(saved) - set(wanted)):
+        parts.append(f"only in the checkpoint: {', '.join(only[:8])}{' ...' if len(only) > 8 else ''}")
+    if only := sorted(set(wanted) - set(saved)):
+        parts.append(f"only in the model: {', '.join(only[:8])}{' ...' if len(only) > 8 else ''}")
+    shapes = [
+        f"{k} {saved[k]} in the checkpoint vs {wanted[k]} in the model"
+        for k in sorted(saved)
+        if k in wanted and saved[k] != wanted[k]
+    ]
+    if shapes:
+        parts.append("different shapes: " + "; ".join(shapes[:8]) + (" ..." if len(shapes) > 8 else ""))
+    return "; ".join(parts)
+
+
+def config_diff(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
+    """`key: saved -> current` for every changed key that a resume may not change."""
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(saved), flat(json.loads(current.to_json()))
+    keys = sorted((set(a) | set(b)) - set(RESUMABLE_CHANGES))
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+class Preemption:
+    """Whether the run must save and stop now, agreed by every process.
+
+    Several processes: JAX's preemption sync point (the coordination service turns SIGTERM and the
+    TPU maintenance notice into a step that every process reaches). One process: a SIGTERM handler.
+    """
+
+    def __init__(self):
+        self.requested = threading.Event()
+        self.multiprocess = jax.process_count() > 1
+        if not self.multiprocess and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
+
+    def reached(self, step: int) -> bool:
+        if self.multiprocess:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested.is_set()
 
 
 def load_state_numpy(directory: str, step: int | None = None) -> tuple[int, dict]:

@@ -21,6 +21,8 @@ OPTIMIZERS = ("adamw", "sgd")
 LOSSES = ("softmax_xent", "sigmoid_xent")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor")
+MODES = ("train", "eval")
+BEST_METRICS = ("eval/accuracy", "eval/loss")
 
 
 class ConfigError(ValueError):
@@ -78,7 +80,12 @@ def defaults() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.eval_every = 500  # 0: evaluate only at the end.
     c.checkpoint_every = 500  # 0: checkpoint only at the end.
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3  # The latest N checkpoints are kept...
+    c.keep_best = 0  # ...plus the best N by `best_metric` (at evaluation steps).
+    c.best_metric = "eval/accuracy"  # Higher is better, unless the name ends in "loss".
+    c.allow_config_change = False  # Resume even if the config differs from the checkpoint's.
+    c.mode = "train"  # "eval": evaluate a checkpoint (`eval_checkpoint`, default the latest) and stop.
+    c.eval_checkpoint = ""  # A workdir, a checkpoints directory, or one step's directory in it.
 
     c.init = ml_collections.ConfigDict(dict(path="", new_head=False))
     return c
@@ -181,6 +188,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
         ("model.param_dtype", DTYPES),
         ("optim.state_dtype", DTYPES),
         ("model.remat", tuple(models.REMAT_POLICIES)),
+        ("mode", MODES),
+        ("best_metric", BEST_METRICS),
     ):
         value = functools.reduce(lambda c, k: c[k], key.split("."), config)
         _require(value in allowed, f"config key '{key}' is {value!r}; allowed: {', '.join(allowed)}.")
@@ -192,6 +201,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
     _require(
         config.keep_checkpoints >= 1, f"config key 'keep_checkpoints' is {config.keep_checkpoints}; keep at least 1."
     )
+    _require(config.keep_best >= 0, f"config key 'keep_best' is {config.keep_best}; use >= 0 (0 disables).")
 
     m = config.model
     try:

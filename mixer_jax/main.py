@@ -31,7 +31,11 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", _env_int("MIXER_NUM_PROCESSES"), "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", _env_int("MIXER_PROCESS_ID"), "This process's index.")
 
+# Exit statuses: 0 done; 1 a crash; 2 a config or checkpoint that cannot run (nothing was changed);
+# 3 preempted, a checkpoint was saved: re-run the same command; 4 a non-finite loss or gradient.
 EXIT_BAD_CONFIG = 2
+EXIT_PREEMPTED = 3
+EXIT_NON_FINITE = 4
 
 
 def initialize_distributed() -> None:
@@ -124,7 +128,7 @@ def main(argv: list[str]) -> None:
     initialize_distributed()
     import jax
 
-    from mixer_jax import train
+    from mixer_jax import checkpointing, train
     from mixer_jax.data import pipeline, preprocess
 
     config = _CONFIG.value
@@ -135,7 +139,16 @@ def main(argv: list[str]) -> None:
         _fail(str(e))
     os.makedirs(_WORKDIR.value, exist_ok=True)
     logging.info("config:\n%s", config)
-    train.train_and_evaluate(config, _WORKDIR.value)
+    try:
+        train.train_and_evaluate(config, _WORKDIR.value)
+    except checkpointing.CheckpointError as e:
+        _fail(str(e))
+    except train.Preempted as e:
+        logging.warning("%s", e)
+        sys.exit(EXIT_PREEMPTED)
+    except train.NonFiniteError as e:
+        print(f"mixer_jax: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_NON_FINITE)
 
 
 def run() -> None:

@@ -153,6 +153,38 @@ def make_train_step(
     return train_step
 
 
+def _evaluator(config: ml_collections.ConfigDict, model: models.MlpMixer, mesh: Mesh, eval_data: pipeline.EvalData):
+    """`evaluate(params) -> metrics` over the whole split: masked sums, each example counted once."""
+
+    @jax.jit
+    def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        logits = model.apply({"params": params}, batch["image"], train=False)
+        mask = batch["mask"].astype(jnp.float32)
+        hit = jnp.take_along_axis(batch["labels"], jnp.argmax(logits, -1)[:, None], -1)[:, 0]
+        return {
+            "correct": (hit > 0).astype(jnp.float32) @ mask,
+            "loss": loss_fn(config.loss, logits, batch["labels"]) @ mask,
+            "count": mask.sum(),
+        }
+
+    def evaluate(params: Any) -> dict[str, float]:
+        totals = None
+        for local_batch in eval_data:
+            out = eval_step(params, sharding.put_batch(local_batch, mesh))
+            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        totals = jax.device_get(totals)
+        count = int(totals["count"])
+        if count != eval_data.num_examples:
+            raise RuntimeError(f"evaluation counted {count} examples, expected {eval_data.num_examples}")
+        return {
+            "eval/accuracy": float(totals["correct"]) / count,
+            "eval/loss": float(totals["loss"]) / count,
+            "eval/examples": count,
+        }
+
+    return evaluate
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
     is_main = jax.process_index() == 0
@@ -184,50 +216,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
     logging.info("model %s at %d px: %s parameters", config.model.variant, config.model.image_size, f"{num_params:,}")
 
-    # Resume from the latest complete checkpoint in the workdir, or start fresh.
-    ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.keep_checkpoints)
-    if (latest := ckpt.latest_step()) is not None:
-        state, data_state = ckpt.restore(latest, checkpointing.abstract_with_shardings(abstract_state, state_shardings))
+    # Resume from the latest complete checkpoint in the workdir (or, in eval mode, the one asked
+    # for), restored straight into this mesh's shardings; or start fresh.
+    abstract_sharded = checkpointing.abstract_with_shardings(abstract_state, state_shardings)
+    ckpt = checkpointing.Checkpointer(
+        f"{workdir}/checkpoints",
+        keep=config.keep_checkpoints,
+        keep_best=config.keep_best,
+        best_metric=config.best_metric,
+    )
+    source, step_to_restore = (ckpt, ckpt.latest_step())
+    if config.mode == "eval":
+        try:
+            source, step = _eval_source(config, ckpt)
+            params = source.restore_params(step, abstract_sharded.params)
+        except checkpointing.CheckpointError:
+            ckpt.close()
+            raise
+        logging.info("restored step %d from %s", step, source.directory)
+        eval_metrics = _evaluator(config, model, mesh, eval_data)(params)
+        _append_jsonl(workdir, step, eval_metrics, is_main)
+        logging.info(
+            "evaluated step %d: accuracy %.2f%% on %d examples, loss %.4f",
+            step,
+            100 * eval_metrics["eval/accuracy"],
+            eval_metrics["eval/examples"],
+            eval_metrics["eval/loss"],
+        )
+        ckpt.close()
+        return eval_metrics
+    if step_to_restore is not None:
+        try:
+            _check_resumable(config, source, step_to_restore)
+            state, data_state = source.restore(step_to_restore, abstract_sharded)
+        except checkpointing.CheckpointError:
+            ckpt.close()  # Stop Orbax's background threads before the program exits.
+            raise
         train_iter.set_state(data_state)
-        logging.info("resumed from step %d in %s", latest, ckpt.directory)
+        logging.info("restored step %d from %s", step_to_restore, source.directory)
     else:
         state = init_state(base_rng)
     first_step = int(state.step)
 
     train_step = make_train_step(config, model, tx, lr_schedule, mesh, state_shardings)
 
-    @jax.jit
-    def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        logits = model.apply({"params": params}, batch["image"], train=False)
-        mask = batch["mask"].astype(jnp.float32)
-        hit = jnp.take_along_axis(batch["labels"], jnp.argmax(logits, -1)[:, None], -1)[:, 0]
-        return {
-            "correct": (hit > 0).astype(jnp.float32) @ mask,
-            "loss": loss_fn(config.loss, logits, batch["labels"]) @ mask,
-            "count": mask.sum(),
-        }
+    evaluate = _evaluator(config, model, mesh, eval_data)
 
-    def evaluate(params: Any) -> dict[str, float]:
-        totals = None
-        for local_batch in eval_data:
-            out = eval_step(params, sharding.put_batch(local_batch, mesh))
-            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-        totals = jax.device_get(totals)
-        count = int(totals["count"])
-        if count != eval_data.num_examples:
-            raise RuntimeError(f"evaluation counted {count} examples, expected {eval_data.num_examples}")
-        return {
-            "eval/accuracy": float(totals["correct"]) / count,
-            "eval/loss": float(totals["loss"]) / count,
-            "eval/examples": count,
-        }
-
-    # The loop. Metrics stay on the device until a log step, so the host never waits on a step.
+    # The loop. Metrics stay on the device until they are needed (log and checkpoint steps), so
+    # the host runs ahead of the device; a checkpoint is only written after its steps' losses and
+    # gradients were checked finite, so the last checkpoint is always a good one.
     flops_per_step = 6 * models.forward_macs(model) * config.batch_size
     pending: list[dict[str, jax.Array]] = []
+    window: list[dict[str, float]] = []
     last_log = (time.perf_counter(), first_step)
     train_start = time.perf_counter()
     eval_metrics: dict[str, float] = {}
+    preemption = checkpointing.Preemption()
     logging.info("training from step %d to %d", first_step, config.total_steps)
     with mesh:
         for step in range(first_step + 1, config.total_steps + 1):
@@ -235,13 +279,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state, metrics = train_step(state, batch)
             pending.append(metrics)
             is_last = step == config.total_steps
+            preempted = preemption.reached(step)
+            is_log = step % config.log_every == 0 or is_last
+            is_eval = is_last or bool(config.eval_every and step % config.eval_every == 0)
+            is_save = is_last or preempted or bool(config.checkpoint_every and step % config.checkpoint_every == 0)
 
-            if step % config.log_every == 0 or is_last:
+            if is_log or is_save:
                 fetched = jax.device_get(pending)
+                _check_finite(fetched, step - len(fetched) + 1, ckpt)
+                window += fetched
                 pending = []
-                summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                if not np.isfinite(summary["train/loss"]):
-                    raise FloatingPointError(f"non-finite training loss {summary['train/loss']} at step {step}")
+
+            if is_log:
+                summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+                window = []
                 now = time.perf_counter()
                 steps_per_s = (step - last_log[1]) / (now - last_log[0])
                 last_log = (now, step)
@@ -264,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     _format_time(eta),
                 )
 
-            if is_last or (config.eval_every and step % config.eval_every == 0):
+            if is_eval:
                 eval_metrics = evaluate(state.params)
                 writer.write_scalars(step, eval_metrics)
                 _append_jsonl(workdir, step, eval_metrics, is_main)
@@ -277,8 +328,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
                 last_log = (time.perf_counter(), step)  # Keep evaluation out of the step rate.
 
-            if is_last or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                ckpt.save(step, state, train_iter.get_state(), config)
+            if is_save:
+                ckpt.save(step, state, train_iter.get_state(), config, metrics=eval_metrics if is_eval else None)
+            if preempted and not is_last:
+                ckpt.wait()
+                ckpt.close()
+                writer.flush()
+                raise Preempted(step, ckpt.directory)
 
     ckpt.wait()
     ckpt.close()
@@ -293,3 +349,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         eval_metrics.get("eval/examples", 0),
     )
     return eval_metrics
+
+
+class Preempted(Exception):
+    """The run saved a checkpoint at `step` and stopped on a preemption notice; re-run to resume."""
+
+    def __init__(self, step: int, directory: str):
+        super().__init__(f"preempted: saved step {step} in {directory}; re-run the same command to resume")
+        self.step = step
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient; the message names the step and the last good checkpoint."""
+
+
+def _check_finite(fetched: list[dict[str, np.ndarray]], first_step: int, ckpt: checkpointing.Checkpointer) -> None:
+    for i, m in enumerate(fetched):
+        if not (np.isfinite(m["train/loss"]) and np.isfinite(m["train/grad_norm"])):
+            ckpt.wait()  # Saves in flight hold good states: let them finish.
+            ckpt.close()
+            good = ckpt.all_steps()
+            last = f"step {max(good)} in {ckpt.directory}" if good else "none yet"
+            raise NonFiniteError(
+                f"non-finite training loss {float(m['train/loss'])} (gradient norm {float(m['train/grad_norm'])}) "
+                f"at step {first_step + i}; nothing after it was saved. The last good checkpoint: {last}. "
+                "Lower --config.lr, lengthen --config.warmup_steps or set --config.grad_clip_norm, then re-run "
+                "to resume from it."
+            )
+
+
+def _check_resumable(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointer, step: int) -> None:
+    """Refuses a checkpoint past the run's end, or written with another config."""
+    if config.mode == "train" and step > config.total_steps:
+        raise checkpointing.CheckpointError(
+            f"checkpoint step {step} in {ckpt.directory} is past total_steps={config.total_steps}: raise "
+            "--config.total_steps to continue it, or use a new --workdir."
+        )
+    if config.allow_config_change or config.mode == "eval":
+        return
+    diff = checkpointing.config_diff(ckpt.saved_config(step), config)
+    if diff:
+        raise checkpointing.CheckpointError(
+            f"the config differs from the one saved with checkpoint step {step} in {ckpt.directory}: "
+            + "; ".join(diff)
+            + ". Resume with the saved config, use a new --workdir, or pass --config.allow_config_change=True."
+        )
+
+
+def _eval_source(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointer):
+    """(checkpointer, step) named by `eval_checkpoint`: "" (the latest in --workdir), a workdir, a
+    checkpoints directory, or one step's directory."""
+    path = os.path.abspath(config.eval_checkpoint) if config.eval_checkpoint else ckpt.directory
+    step = None
+    if os.path.basename(path).isdigit():
+        path, step = os.path.dirname(path), int(os.path.basename(path))
+    elif os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    if not os.path.isdir(path):
+        raise checkpointing.CheckpointError(f"config key 'eval_checkpoint': {path} does not exist.")
+    source = ckpt if path == ckpt.directory else checkpointing.Checkpointer(path, keep=config.keep_checkpoints)
+    step = source.latest_step() if step is None else step
+    if step is None or step not in source.all_steps():
+        raise checkpointing.CheckpointError(
+            f"no complete checkpoint {'at step ' + str(step) + ' ' if step is not None else ''}in {path} to "
+            f"evaluate; it has {source.all_steps() or 'none'}."
+        )
+    return source, step

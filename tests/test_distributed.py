@@ -166,6 +166,16 @@ def test_two_processes_match_one(eight_device_run, data_dir, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     np.testing.assert_allclose(losses(workdir), losses(eight_device_run), rtol=1e-5)
     assert len(losses(workdir)) == 20
+    # The checkpoint both processes wrote restores in this single process, onto another mesh.
+    c = small_config(data_dir, total_steps=20, schedule="constant", **{"mesh.data": 2, "mesh.tensor": 4})
+    m = sharding.make_mesh(c.mesh)
+    tx, _ = optim.make(c)
+    init_state, shardings = train.sharded_init(train.create_model(c), tx, m)
+    abstract = checkpointing.abstract_with_shardings(jax.eval_shape(init_state, jax.random.key(0)), shardings)
+    state, data_state = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3).restore(20, abstract)
+    assert int(state.step) == 20 and data_state == {"next_index": 20}
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), params(workdir))
+    assert_trees_close(jax.device_get(state.params), params(eight_device_run))
 
 
 def test_slurm_environment_on_loopback(eight_device_run, data_dir, tmp_path):

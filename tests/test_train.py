@@ -44,7 +44,7 @@ def test_cli_short_run_and_resume(data_dir, tmp_path):
 
     result = run_main(*common, "--config.total_steps=40", "--config.warmup_steps=5", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from step 30" in result.stderr and "training from step 30 to 40" in result.stderr
+    assert "restored step 30 from" in result.stderr and "training from step 30 to 40" in result.stderr
     assert "40" in os.listdir(os.path.join(workdir, "checkpoints"))
 
 

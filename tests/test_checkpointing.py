@@ -1,0 +1,264 @@
+"""Fault tolerance: bit-exact resume, SIGKILL chaos, SIGTERM, cross-mesh restore, bad checkpoints."""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO
+from test_distributed import small_config
+
+from mixer_jax import checkpointing, optim, sharding, train
+
+BASE = {  # Mixer-Mu/4 on digits, a checkpoint every 4 steps and every loss logged.
+    "model.variant": "Mu/4",
+    "batch_size": 32,
+    "warmup_steps": 2,
+    "log_every": 1,
+    "eval_every": 0,
+    "checkpoint_every": 4,
+    "keep_checkpoints": 2,
+}
+
+
+def launch(data_dir, workdir, **kw):
+    args = ["--config=configs/digits.py", f"--workdir={workdir}", f"--config.input.data_dir={data_dir}"]
+    args += [f"--config.{k}={v}" for k, v in (BASE | kw).items()]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "mixer_jax.main", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run(data_dir, workdir, **kw):
+    p = launch(data_dir, workdir, **kw)
+    _, err = p.communicate(timeout=300)
+    return p.returncode, err
+
+
+def step_losses(workdir):
+    """step -> loss; a step trained twice (after a resume) must have logged the same loss."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for row in map(json.loads, f):
+            if "train/loss" in row:
+                assert out.setdefault(row["step"], row["train/loss"]) == row["train/loss"], row
+    return out
+
+
+def last_logged_step(workdir):
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            return max(json.loads(line)["step"] for line in f if line.strip())
+    except (FileNotFoundError, ValueError, json.JSONDecodeError):
+        return 0
+
+
+def final_params(workdir):
+    return checkpointing.load_state_numpy(os.path.join(workdir, "checkpoints"))[1]["params"]
+
+
+def assert_bit_identical(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory):
+    """40 steps without interruption: the reference for every resumed run."""
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    rc, err = run(data_dir, workdir, total_steps=40)
+    assert rc == 0, err[-3000:]
+    return workdir
+
+
+def test_sigterm_saves_exits_3_and_resumes_bit_exactly(straight, data_dir, tmp_path):
+    workdir = str(tmp_path)
+    p = launch(data_dir, workdir, total_steps=40)
+    while last_logged_step(workdir) < 15:
+        assert p.poll() is None, p.stderr.read()[-3000:]
+        time.sleep(0.01)
+    signalled_at = last_logged_step(workdir)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 3, err[-3000:]
+    saved = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2).latest_step()
+    assert f"preempted: saved step {saved}" in err
+    assert signalled_at <= saved <= signalled_at + 2  # The step it was in, plus one (and the log's lag).
+
+    rc, err = run(data_dir, workdir, total_steps=40)
+    assert rc == 0 and f"restored step {saved} from" in err, err[-3000:]
+    assert step_losses(workdir) == step_losses(straight)  # Every step's loss, bit for bit.
+    assert_bit_identical(final_params(workdir), final_params(straight))
+
+
+def test_sigkill_chaos(straight, data_dir, tmp_path):
+    """SIGKILL at 5 random moments, 2 of them while an async save is in flight; relaunch each time."""
+    workdir = str(tmp_path)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    rng = random.Random(0)
+    kinds = ["during_save", "random", "during_save", "random", "random"]
+    for kind in kinds:
+        before = checkpointing.Checkpointer(ckpt_dir, keep=2).latest_step() if os.path.isdir(ckpt_dir) else None
+        start_step = last_logged_step(workdir)
+        p = launch(data_dir, workdir, total_steps=40)
+        deadline = time.time() + 120
+        target = start_step + rng.randint(1, 5)
+        while p.poll() is None and time.time() < deadline:
+            saving = os.path.isdir(ckpt_dir) and any("tmp" in d for d in os.listdir(ckpt_dir))
+            if (kind == "during_save" and saving) or (kind == "random" and last_logged_step(workdir) >= target):
+                break
+            time.sleep(0.002)
+        assert p.poll() is None, f"the run ended before its {kind} kill: {p.stderr.read()[-2000:]}"
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        p.stderr.close()
+        if before is not None:  # The relaunch resumed from the latest complete checkpoint.
+            assert last_logged_step(workdir) >= before
+    rc, err = run(data_dir, workdir, total_steps=40)
+    assert rc == 0, err[-3000:]
+    steps = checkpointing.Checkpointer(ckpt_dir, keep=2).all_steps()
+    assert max(steps) == 40
+    assert step_losses(workdir) == step_losses(straight)
+    assert_bit_identical(final_params(workdir), final_params(straight))
+
+
+def test_restore_onto_other_meshes(data_dir, tmp_path):
+    """Written 8-way FSDP; restored onto 2x2x2 here and onto one device in a fresh process."""
+    c = small_config(data_dir, total_steps=3, **{"mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1})
+    train.train_and_evaluate(c, str(tmp_path))
+    saved = final_params(tmp_path)
+
+    c.mesh.update(data=2, fsdp=2, tensor=2)
+    mesh = sharding.make_mesh(c.mesh)
+    tx, _ = optim.make(c)
+    init_state, shardings = train.sharded_init(train.create_model(c), tx, mesh)
+    abstract = checkpointing.abstract_with_shardings(jax.eval_shape(init_state, jax.random.key(0)), shardings)
+    state, data_state = checkpointing.Checkpointer(os.path.join(tmp_path, "checkpoints"), keep=3).restore(3, abstract)
+    assert data_state == {"next_index": 3}
+    kernel = state.params["MixerBlock_0"]["channel_mixing"]["Dense_0"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert_bit_identical(jax.device_get(state.params), saved)
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    args = [
+        f"--workdir={tmp_path}",
+        "--config=configs/digits.py",
+        f"--config.input.data_dir={data_dir}",
+        "--config.mode=eval",
+        "--config.model.variant=Mu/4",
+        "--config.mesh.fsdp=1",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "mixer_jax.main", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "restored step 3 from" in result.stderr and "1 devices" in result.stderr
+
+
+def tree_hashes(path):
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(root, f), path)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def good_workdir(data_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("good"))
+    rc, err = run(data_dir, workdir, total_steps=8)  # Checkpoints at steps 4 and 8.
+    assert rc == 0, err[-3000:]
+    return workdir
+
+
+def _truncate(workdir):
+    state = os.path.join(workdir, "checkpoints", "8", "state")
+    victim = max((os.path.join(r, f) for r, _, fs in os.walk(state) for f in fs), key=os.path.getsize)
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+
+
+def _garbage_metadata(workdir):
+    for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "8")):
+        for f in files:
+            if "METADATA" in f.upper() or f == "_sharding" or f.endswith(".json"):
+                with open(os.path.join(root, f), "w") as fh:
+                    fh.write("\x00garbage{{")
+
+
+BAD = {
+    "truncated file": (_truncate, {}, "checkpoint step 8"),
+    "deleted directory": (lambda w: shutil.rmtree(os.path.join(w, "checkpoints", "8", "state")), {}, "step 8"),
+    "wrong variant": (lambda w: None, {"model.variant": "Ti/4"}, "model.variant: 'Mu/4' -> 'Ti/4'"),
+    "wrong variant, changes allowed": (
+        lambda w: None,
+        {"model.variant": "Ti/4", "allow_config_change": True},
+        "params/MixerBlock_0/LayerNorm_0/bias (32,) in the checkpoint vs (128,) in the model",
+    ),
+    "wrong number of classes": (
+        lambda w: None,
+        {
+            "model.num_classes": 7,
+            "input.pp_train": "resize(16)|rgb|value_range(-1,1)|onehot(7)",
+            "input.pp_eval": "resize(16)|rgb|value_range(-1,1)|onehot(7)",
+            "allow_config_change": True,
+        },
+        "params/head/bias (10,) in the checkpoint vs (7,) in the model",
+    ),
+    "garbage in the metadata": (_garbage_metadata, {}, "step 8"),
+    "past total_steps": (lambda w: None, {"total_steps": 6}, "checkpoint step 8 in"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_checkpoint(case, good_workdir, data_dir, tmp_path):
+    corrupt, overrides, fragment = BAD[case]
+    workdir = str(tmp_path / "w")
+    shutil.copytree(good_workdir, workdir)
+    corrupt(workdir)
+    step4 = tree_hashes(os.path.join(workdir, "checkpoints", "4"))
+    after_corruption = tree_hashes(os.path.join(workdir, "checkpoints"))
+    rc, err = run(data_dir, workdir, **({"total_steps": 12} | overrides))
+    assert rc == 2, err[-3000:]
+    assert "Traceback" not in err
+    message = [line for line in err.splitlines() if line.startswith("mixer_jax: error:")]
+    assert len(message) == 1 and fragment in message[0], err[-3000:]
+    assert tree_hashes(os.path.join(workdir, "checkpoints", "4")) == step4  # The good checkpoint is untouched...
+    assert tree_hashes(os.path.join(workdir, "checkpoints")) == after_corruption  # ...and nothing else changed.
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+    workdir = str(tmp_path)
+    rc, err = run(data_dir, workdir, total_steps=30, lr=1e12, grad_clip_norm=0.0, checkpoint_every=1, warmup_steps=0)
+    assert rc == 4, err[-3000:]
+    line = [x for x in err.splitlines() if x.startswith("mixer_jax: error: non-finite")][0]
+    bad_step = int(line.split(" at step ")[1].split(";")[0])
+    steps = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2).all_steps()
+    assert steps and max(steps) == bad_step - 1 and f"step {bad_step - 1} in" in line
+    params = final_params(workdir)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_keep_best_and_latest(data_dir, tmp_path):
+    workdir = str(tmp_path)
+    rc, err = run(data_dir, workdir, total_steps=24, eval_every=4, keep_checkpoints=1, keep_best=1, lr=0.01)
+    assert rc == 0, err[-3000:]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        acc = {r["step"]: r["eval/accuracy"] for r in map(json.loads, f) if "eval/accuracy" in r}
+    best = max(sorted(acc), key=lambda s: acc[s])  # The earliest step of the best accuracy.
+    kept = set(checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1).all_steps())
+    assert 24 in kept and best in kept and len(kept) == len({24, best}), (kept, acc)
