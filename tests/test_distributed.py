@@ -208,3 +208,14 @@ def test_slurm_environment_on_loopback(eight_device_run, data_dir, tmp_path):
     assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
     assert "2 process(es)" in outputs[0]
     np.testing.assert_allclose(losses(workdir), losses(eight_device_run)[:5], rtol=1e-5)
+
+
+def test_bfloat16_compute_trains(eight_device_run, data_dir, tmp_path):
+    """bfloat16 activations, float32 master weights and loss: the first steps track float32."""
+    c = small_config(data_dir, total_steps=5, schedule="constant", **{"model.dtype": "bfloat16"})
+    c.optim.state_dtype = "bfloat16"
+    train.train_and_evaluate(c, str(tmp_path))
+    np.testing.assert_allclose(losses(tmp_path), losses(eight_device_run)[:5], rtol=2e-2)
+    state = checkpointing.load_state_numpy(os.path.join(tmp_path, "checkpoints"))[1]
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(state["params"]))
+    assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(state["opt_state"][1][1][0]["trace"]))
