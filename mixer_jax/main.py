@@ -128,7 +128,6 @@ def main(argv: list[str]) -> None:
     initialize_distributed()
     import jax
 
-    from mixer_jax import checkpointing, train
     from mixer_jax.data import pipeline, preprocess
 
     config = _CONFIG.value
@@ -137,6 +136,8 @@ def main(argv: list[str]) -> None:
         pipeline.check(config.input)
     except (config_lib.ConfigError, pipeline.DatasetError, preprocess.PreprocessError) as e:
         _fail(str(e))
+    from mixer_jax import checkpointing, train  # After validation: the trainer's imports are slow.
+
     os.makedirs(_WORKDIR.value, exist_ok=True)
     logging.info("config:\n%s", config)
     try:
