@@ -12,8 +12,10 @@ kept, plus the best `keep_best` by an evaluation metric.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -108,6 +110,7 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores `state` with the shapes, dtypes and shardings of `abstract_state`."""
+        _silence_late_reads()
         mismatch = describe_mismatch(os.path.join(self.directory, str(step), "state"), abstract_state)
         if mismatch:
             raise CheckpointError(
@@ -127,6 +130,7 @@ class Checkpointer:
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the parameters (evaluation, fine-tuning): the optimizer that wrote them does not matter."""
+        _silence_late_reads()
         mismatch = describe_mismatch(os.path.join(self.directory, str(step), "state"), {"params": abstract_params})
         if mismatch:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} does not fit this model: {mismatch}.")
@@ -210,6 +214,31 @@ def config_diff(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
     a, b = flat(saved), flat(json.loads(current.to_json()))
     keys = sorted((set(a) | set(b)) - set(RESUMABLE_CHANGES))
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def _silence_late_reads() -> None:
+    """When one array fails to read, Orbax's restore raises and closes its event loop while
+    TensorStore is still completing the other reads. Their results then surface, from other
+    threads and at any time, as unraisable exceptions (a post to the closed loop, a failed read
+    coroutine collected unawaited) and unretrieved-future log lines. All belong to the failed
+    restore, whose error we report: drop just those, so the user sees one message."""
+    default = sys.unraisablehook
+    if getattr(default, "silences_late_reads", False):
+        return
+
+    def from_failed_restore(unraisable) -> bool:
+        code = getattr(unraisable.object, "cr_code", None)
+        return (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed") or (
+            code is not None and "orbax" in code.co_filename
+        )
+
+    def hook(unraisable) -> None:
+        if not from_failed_restore(unraisable):
+            default(unraisable)
+
+    hook.silences_late_reads = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(lambda r: "exception was never retrieved" not in r.getMessage())
 
 
 class Preemption:
