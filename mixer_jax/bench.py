@@ -1,10 +1,15 @@
-"""Benchmarks of the trainer's own step: `python -m mixer_jax.bench train|infer [--flags] [--json]`.
+"""Benchmarks of the trainer's own step: `python -m mixer_jax.bench train|infer [--flags] [--json]`,
+and of the input pipeline: `python -m mixer_jax.bench data [--dataset=NAME | --synthetic_jpeg] [--flags]`.
 
 It times the jitted, sharded train step of `mixer_jax.train` (or the forward pass) on device-resident
 random batches, and reports images/s, achieved TFLOP/s from the analytic FLOPs (training = 3x
 forward), the same process's large-matmul TFLOP/s at the same dtype (the practical roofline), the
 ratio of the two (MFU vs matmul), the spec peak and MFU against it where the device is known,
 compile time and peak memory.
+
+`data` times the training input pipeline (`pipeline.make_train`, grain threads included) and reports
+images/s, images/s per core (over min(workers, cores)) and images per CPU-second of the process
+(the per-core rate that stays honest on a shared machine).
 """
 
 from __future__ import annotations
@@ -27,6 +32,16 @@ _REMAT = flags.DEFINE_string("remat", "none", "Remat policy: none, full, dots, d
 _ACCUM = flags.DEFINE_integer("accum_steps", 1, "Gradient accumulation microbatches.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classifier width.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+_DATASET = flags.DEFINE_string("dataset", "", "data: TFDS name to read (its train split).")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "data: TFDS data_dir.")
+_PP = flags.DEFINE_string(
+    "pp", "decode|inception_crop(224)|flip_lr|value_range(-1,1)|onehot(1000)", "data: training preprocessing."
+)
+_WORKERS = flags.DEFINE_integer("workers", 1, "data: grain worker threads (input.num_workers).")
+_IMAGES = flags.DEFINE_integer("images", 2048, "data: images to time, after one warm-up batch.")
+_SYNTHETIC_JPEG = flags.DEFINE_integer(
+    "synthetic_jpeg", 0, "data: first write this many 500x375 JPEGs (quality 90) to a temporary dataset and read it."
+)
 
 # Dense matrix peak FLOP/s by device kind and dtype, from the vendors' spec sheets (per chip/card).
 SPEC_PEAK = {
@@ -182,10 +197,54 @@ def run(mode: str) -> dict[str, Any]:
     }
 
 
+def run_data() -> dict[str, Any]:
+    import contextlib
+    import os
+    import tempfile
+
+    from mixer_jax.config import defaults
+    from mixer_jax.data import pipeline, prepare
+
+    c = defaults()
+    c.input.dataset, c.input.data_dir = _DATASET.value, _DATA_DIR.value
+    c.input.pp_train, c.input.num_workers, c.input.prefetch = _PP.value, _WORKERS.value, 2 * max(1, _WORKERS.value)
+    c.batch_size, c.input.eval_split = _BATCH.value, "train"
+    with tempfile.TemporaryDirectory() as tmp:
+        if _SYNTHETIC_JPEG.value:
+            prepare.synthetic_image_folder(f"{tmp}/images", num_images=_SYNTHETIC_JPEG.value)
+            with contextlib.redirect_stdout(sys.stderr):  # TFDS reports the build on stdout.
+                prepare.import_image_folder(f"{tmp}/images", "synthetic_jpeg", f"{tmp}/tfds", verbose=False)
+            c.input.dataset, c.input.data_dir = "synthetic_jpeg", f"{tmp}/tfds"
+        if not c.input.dataset:
+            sys.exit("bench data needs --dataset=NAME (with --data_dir) or --synthetic_jpeg=NUM_IMAGES")
+        pipeline.check(c)
+        stream = pipeline.make_train(c, process_index=0, process_count=1)
+        first = next(stream)  # Warm-up: opens the files and starts the threads.
+        images, wall, cpu = 0, time.perf_counter(), time.process_time()
+        while images < _IMAGES.value:
+            images += len(next(stream)["image"])
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    cores = min(max(1, _WORKERS.value), os.cpu_count() or 1)
+    return {
+        "mode": "data",
+        "dataset": c.input.dataset,
+        "pp": c.input.pp_train,
+        "batch": c.batch_size,
+        "image_shape": list(first["image"].shape[1:]),
+        "workers": _WORKERS.value,
+        "cpu_cores": os.cpu_count(),
+        "images": images,
+        "seconds": wall,
+        "images_per_s": images / wall,
+        "images_per_s_per_core": images / wall / cores,
+        "images_per_cpu_s": images / cpu,
+    }
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[1] not in ("train", "infer"):
-        sys.exit("usage: python -m mixer_jax.bench train|infer [--variant=B/16 --batch=32 ...] [--json]")
-    result = run(argv[1])
+    if len(argv) != 2 or argv[1] not in ("train", "infer", "data"):
+        sys.exit("usage: python -m mixer_jax.bench train|infer|data [--variant=B/16 --batch=32 ...] [--json]")
+    result = run_data() if argv[1] == "data" else run(argv[1])
     if _JSON.value:
         print(json.dumps(result))
         return

@@ -10,11 +10,12 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import os
 from typing import Any
 
 import ml_collections
 
-from mixer_jax import models
+from mixer_jax import models, weights
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "sgd")
@@ -59,6 +60,9 @@ def defaults() -> ml_collections.ConfigDict:
             stoch_depth=0.0,
             scan_blocks=False,  # One nn.scan over the blocks: compile time independent of depth.
             remat="none",  # none, full, dots, dots_no_batch: activations recomputed in backward.
+            # Fine-tuning at image_size = K x this (init.path's resolution): token MLPs widened to
+            # K²·D_S and initialised block-diagonally (paper Appendix C). 0: same resolution.
+            pretrain_image_size=0,
         )
     )
 
@@ -87,7 +91,42 @@ def defaults() -> ml_collections.ConfigDict:
     c.mode = "train"  # "eval": evaluate a checkpoint (`eval_checkpoint`, default the latest) and stop.
     c.eval_checkpoint = ""  # A workdir, a checkpoints directory, or one step's directory in it.
 
+    # Start a fresh run from weights: an official .npz, timm .safetensors/.pth, or a workdir or
+    # checkpoint of ours. new_head: a zero-initialised head for model.num_classes (fine-tuning).
     c.init = ml_collections.ConfigDict(dict(path="", new_head=False))
+
+    # Few-shot linear probes on frozen pre-logits (the paper's transfer proxy), every `every` steps
+    # and at the end; "" disables. datasets: comma-separated TFDS NAME or NAME:TRAIN:TEST.
+    c.fewshot = ml_collections.ConfigDict(
+        dict(datasets="", every=0, shots="1,5,10,25", l2_reg=1024.0, num_seeds=3, max_test_examples=0, pp="")
+    )
+    return c
+
+
+def config_args(arg: str | None, file: str, **defaults: str) -> dict[str, str]:
+    """A config file's `:key=value,key=value` argument over its `defaults`; an unknown key is an error."""
+    args = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in args:
+            raise ValueError(f"{file} argument {item!r}: write KEY=VALUE with KEY one of {', '.join(args)}")
+        args[key] = value
+    return args
+
+
+def paper_pretraining(variant: str, num_classes: int) -> ml_collections.ConfigDict:
+    """The paper's pretraining recipe (Section 3, Appendix B) at 224 px: Adam (0.9, 0.999), batch
+    4096, lr 1e-3 with 10k linear warmup steps then linear decay to 0, weight decay 0.1, global-norm
+    clipping at 1. Recipes add the data, the augmentation and the length."""
+    c = defaults()
+    c.model.variant, c.model.image_size, c.model.num_classes = variant, 224, num_classes
+    c.input.num_workers = 16  # Threads, each preparing whole batches of this host's share.
+    c.batch_size = 4096
+    c.optim.name, c.optim.b1, c.optim.b2 = "adamw", 0.9, 0.999
+    c.lr, c.wd = 1e-3, 0.1
+    c.warmup_steps, c.schedule, c.lr_end = 10_000, "linear", 0.0
+    c.grad_clip_norm = 1.0
+    c.log_every, c.eval_every, c.checkpoint_every = 100, 10_000, 2000
     return c
 
 
@@ -227,6 +266,31 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
         f"(mesh data x fsdp = {sizes['data']} x {sizes['fsdp']}), {num_processes} process(es) and "
         f"accum_steps={config.accum_steps} microbatches; use a multiple of {unit}.",
     )
+
+    try:
+        weights.finetune_overrides(m.variant, m.image_size, m.pretrain_image_size)
+    except ValueError as e:
+        raise ConfigError(f"config key 'model.pretrain_image_size': {e}.") from None
+    _require(
+        m.pretrain_image_size == 0 or config.init.path,
+        f"config key 'model.pretrain_image_size' is {m.pretrain_image_size}, but config key 'init.path' is empty; "
+        f"it names the weights pretrained at that size.",
+    )
+    _require(
+        not config.init.path or os.path.exists(config.init.path),
+        f"config key 'init.path' is {config.init.path!r}, which does not exist; give an .npz, .safetensors or "
+        f".pth file, or a workdir or checkpoint directory.",
+    )
+    f = config.fewshot
+    if f.datasets:
+        _require(f.every >= 0, f"config key 'fewshot.every' is {f.every}; use >= 0 (0: only at the end).")
+        shots = [s.strip() for s in f.shots.split(",") if s.strip()]
+        _require(
+            bool(shots) and all(s.isdigit() and int(s) > 0 for s in shots),
+            f"config key 'fewshot.shots' is {f.shots!r}; give positive counts, e.g. '1,5,10,25'.",
+        )
+        _require(f.num_seeds >= 1, f"config key 'fewshot.num_seeds' is {f.num_seeds}; use >= 1.")
+        _require(f.l2_reg > 0, f"config key 'fewshot.l2_reg' is {f.l2_reg}; use > 0.")
 
     _require(config.input.num_workers >= 0, f"config key 'input.num_workers' is {config.input.num_workers}; use >= 0.")
     _require(config.input.prefetch >= 0, f"config key 'input.prefetch' is {config.input.prefetch}; use >= 0.")

@@ -133,16 +133,16 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     try:
         config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
-        pipeline.check(config.input)
+        pipeline.check(config, process_count=jax.process_count())
     except (config_lib.ConfigError, pipeline.DatasetError, preprocess.PreprocessError) as e:
         _fail(str(e))
-    from mixer_jax import checkpointing, train  # After validation: the trainer's imports are slow.
+    from mixer_jax import checkpointing, train, weights  # After validation: the trainer's imports are slow.
 
     os.makedirs(_WORKDIR.value, exist_ok=True)
     logging.info("config:\n%s", config)
     try:
         train.train_and_evaluate(config, _WORKDIR.value)
-    except checkpointing.CheckpointError as e:
+    except (checkpointing.CheckpointError, weights.WeightsError) as e:
         _fail(str(e))
     except train.Preempted as e:
         logging.warning("%s", e)

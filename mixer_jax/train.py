@@ -24,7 +24,7 @@ from absl import logging
 from clu import metric_writers
 from jax.sharding import Mesh
 
-from mixer_jax import checkpointing, models, optim, sharding
+from mixer_jax import checkpointing, fewshot, models, optim, sharding, weights
 from mixer_jax.data import pipeline
 
 
@@ -49,6 +49,7 @@ def create_model(config: ml_collections.ConfigDict) -> models.MlpMixer:
         stoch_depth=m.stoch_depth,
         scan_blocks=m.scan_blocks,
         remat=m.remat,
+        **weights.finetune_overrides(m.variant, m.image_size, m.pretrain_image_size),
     )
 
 
@@ -104,6 +105,26 @@ def sharded_init(model: models.MlpMixer, tx: optax.GradientTransformation, mesh:
         return TrainState(step=jnp.zeros((), jnp.int32), params=nn.unbox(params), opt_state=opt_state, rng=rng)
 
     return init_state, shardings
+
+
+def state_from_weights(
+    config: ml_collections.ConfigDict, model: models.MlpMixer, tx: optax.GradientTransformation, shardings: TrainState
+) -> TrainState:
+    """Step 0 of a run that starts from the weights at `config.init.path` (see `weights.load`).
+
+    Every process reads the file and places only its devices' shards of each parameter; the
+    optimizer state is then initialised on the mesh, sharded like a fresh run's.
+    """
+    host_params = weights.load(config.init.path, model, new_head=config.init.new_head)
+    params = jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), host_params, shardings.params
+    )
+
+    @functools.partial(jax.jit, out_shardings=shardings, donate_argnums=0)
+    def init_state(params: Any, rng: jax.Array) -> TrainState:
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+
+    return init_state(params, jax.random.key(config.seed))
 
 
 def make_train_step(
@@ -254,6 +275,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             raise
         train_iter.set_state(data_state)
         logging.info("restored step %d from %s", step_to_restore, source.directory)
+    elif config.init.path:
+        state = state_from_weights(config, model, tx, state_shardings)
+        logging.info("initialised from %s%s", config.init.path, " with a new head" if config.init.new_head else "")
     else:
         state = init_state(base_rng)
     first_step = int(state.step)
@@ -261,6 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_step = make_train_step(config, model, tx, lr_schedule, mesh, state_shardings)
 
     evaluate = _evaluator(config, model, mesh, eval_data)
+    fewshot_eval = _fewshot_evaluator(config, model)
 
     # The loop. Metrics stay on the device until they are needed (log and checkpoint steps), so
     # the host runs ahead of the device; a checkpoint is only written after its steps' losses and
@@ -328,6 +353,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
                 last_log = (time.perf_counter(), step)  # Keep evaluation out of the step rate.
 
+            if fewshot_eval and (is_last or (config.fewshot.every and step % config.fewshot.every == 0)):
+                fewshot_metrics = fewshot_eval(state.params, model)
+                writer.write_scalars(step, fewshot_metrics)
+                _append_jsonl(workdir, step, fewshot_metrics, is_main)
+                logging.info(
+                    "step %d  few-shot %s",
+                    step,
+                    "  ".join(f"{k.removeprefix('fewshot/')} {100 * v:.2f}%" for k, v in fewshot_metrics.items()),
+                )
+                eval_metrics |= fewshot_metrics if is_eval else {}
+                last_log = (time.perf_counter(), step)
+
             if is_save:
                 ckpt.save(step, state, train_iter.get_state(), config, metrics=eval_metrics if is_eval else None)
             if preempted and not is_last:
@@ -394,6 +431,23 @@ def _check_resumable(config: ml_collections.ConfigDict, ckpt: checkpointing.Chec
             + "; ".join(diff)
             + ". Resume with the saved config, use a new --workdir, or pass --config.allow_config_change=True."
         )
+
+
+def _fewshot_evaluator(config: ml_collections.ConfigDict, model: models.MlpMixer) -> fewshot.Evaluator | None:
+    f = config.fewshot
+    if not f.datasets:
+        return None
+    return fewshot.Evaluator(
+        f.datasets,
+        image_size=model.image_size,
+        data_dir=config.input.data_dir,
+        pp=f.pp,
+        shots=f.shots,
+        l2_reg=f.l2_reg,
+        num_seeds=f.num_seeds,
+        max_test_examples=f.max_test_examples,
+        seed=config.seed,
+    )
 
 
 def _eval_source(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointer):

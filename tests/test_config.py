@@ -45,6 +45,11 @@ BAD = [
     (["--config.schedule=exponential"], ["'schedule' is 'exponential'", "cosine, linear, constant"]),
     (["--config.model.stoch_depth=1.0"], ["'model.stoch_depth' is 1.0", "[0, 1)"]),
     (["--config.input.eval_split=validation"], ["'input.eval_split' is 'validation'", "['test', 'train']"]),
+    (["--config.model.num_classes=7"], ["'input.pp_train' makes 10-class labels", "'model.num_classes' is 7"]),
+    (["--config.model.pretrain_image_size=8"], ["'model.pretrain_image_size' is 8", "'init.path' is empty"]),
+    (["--config.model.pretrain_image_size=12", "--config.init.path=/"], ["pretrain_image_size 12", "integer"]),
+    (["--config.fewshot.datasets=digits", "--config.fewshot.shots=5,0"], ["'fewshot.shots' is '5,0'"]),
+    (["--config.input.pp_eval=resize(16)|value_range|onehot(10)|mixup(0.2)"], ["mixup(0.2)", "'input.pp_train'"]),
 ]
 
 

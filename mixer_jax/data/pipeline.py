@@ -6,6 +6,12 @@ takes positions p, p+P, p+2P, ... so global batch b is always the examples at po
 [b*B, (b+1)*B), whatever the number of processes. The iterator's state (`get_state`/`set_state`)
 resumes the stream exactly.
 
+Batch-level ops (`mixup`) run after batching with an rng seeded by (seed, batch index), so they
+are part of the same pure function of (seed, step) and resume exactly.
+
+When the preprocessing starts with `decode`, the source hands over the encoded JPEG/PNG bytes
+(TFDS `SkipDecoding`) and the ops decode them with PIL, at reduced scale where they can.
+
 Evaluation visits every example exactly once: the split is padded to a whole number of global
 batches with masked copies, so every process runs the same number of batches.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,7 +39,8 @@ SYNTHETIC_SPLITS = {"train": 1_281_167, "test": 10_000}  # ImageNet-sized train 
 
 class SyntheticSource:
     """Random uint8 images and labels, a pure function of the index: bring-up and benchmarks
-    without data. Same fields as a TFDS image classification source."""
+    without data. Same fields as a TFDS image classification source (`label`), plus the same
+    label as a one-element list `labels` for multi-label recipes."""
 
     def __init__(self, num_examples: int, image_size: int, num_classes: int):
         self.num_examples, self.image_size, self.num_classes = num_examples, image_size, num_classes
@@ -43,10 +51,12 @@ class SyntheticSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng(index)
         image = rng.integers(0, 256, (self.image_size, self.image_size, 3), dtype=np.uint8)
-        return {"image": image, "label": int(rng.integers(self.num_classes))}
+        label = int(rng.integers(self.num_classes))
+        return {"image": image, "label": label, "labels": np.array([label])}
 
 
 FIELDS = ("image", "labels")
+BATCH_RNG_TAG = 0x6D6978  # Decorrelates batch-level randomness from the per-example streams.
 
 
 class DatasetError(ValueError):
@@ -57,8 +67,25 @@ def resolve_data_dir(data_dir: str) -> str:
     return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
 
 
+def prepared_version_dir(name: str, data_dir: str) -> str | None:
+    """DATA_DIR/NAME/VERSION (the highest version holding a dataset_info.json), or None."""
+    root = os.path.join(data_dir, name)
+    if not os.path.isdir(root):
+        return None
+    versions = [
+        tuple(map(int, entry.split(".")))
+        for entry in os.listdir(root)
+        if re.fullmatch(r"\d+\.\d+\.\d+", entry) and os.path.isfile(os.path.join(root, entry, "dataset_info.json"))
+    ]
+    return os.path.join(root, ".".join(map(str, max(versions)))) if versions else None
+
+
 def get_builder(name: str, data_dir: str, *, prepare: bool = True) -> tfds.core.DatasetBuilder:
-    """The TFDS builder of `name`; built-in datasets are prepared on first use."""
+    """The TFDS builder of `name`; built-in datasets are prepared on first use.
+
+    A name outside the TFDS catalog is read from the files under DATA_DIR/NAME/VERSION (the highest
+    version), so user-prepared datasets such as `imagenet21k` or an imported image folder load by name.
+    """
     data_dir = resolve_data_dir(data_dir)
     if name in BUILTIN:
         builder = BUILTIN[name](data_dir=data_dir, file_format="array_record")
@@ -66,13 +93,18 @@ def get_builder(name: str, data_dir: str, *, prepare: bool = True) -> tfds.core.
             builder.download_and_prepare()
         return builder
     build_cmd = f"tfds build {name} --data_dir={data_dir} --file_format=array_record"
+    import_cmd = f"python -m mixer_jax.data.prepare --image_folder=DIR --name={name} --data_dir={data_dir}"
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # TFDS raises several types for unknown or unreadable datasets.
-        raise DatasetError(
-            f"dataset {name!r} was not found under data_dir {data_dir} ({type(e).__name__}). Prepare it "
-            f"with `{build_cmd}`, or set config key 'input.data_dir' to where it lives."
-        ) from None
+        if not (version_dir := prepared_version_dir(name, data_dir)):
+            raise DatasetError(
+                f"dataset {name!r} was not found under data_dir {data_dir} ({type(e).__name__}): it is neither "
+                f"in the TFDS catalog nor prepared at {os.path.join(data_dir, name)}/VERSION. Prepare a catalog "
+                f"dataset with `{build_cmd}`, import an image folder DIR/SPLIT/CLASS/*.jpg with `{import_cmd}`, "
+                f"or set config key 'input.data_dir' to where it lives."
+            ) from None
+        builder = tfds.builder_from_directory(version_dir)
     if not builder.is_prepared():
         raise DatasetError(
             f"dataset {name!r} is not prepared under data_dir {data_dir}. Prepare it with "
@@ -90,10 +122,21 @@ def get_builder(name: str, data_dir: str, *, prepare: bool = True) -> tfds.core.
     return builder
 
 
-def check(input_config: ml_collections.ConfigDict) -> None:
-    """Start-up checks: the ops parse, the dataset and splits exist. Raises DatasetError/PreprocessError."""
-    preprocess.parse(input_config.pp_train)
-    preprocess.parse(input_config.pp_eval)
+def check(config: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
+    """Start-up checks: the ops parse and fit the model and batch; the dataset and splits exist.
+
+    Raises DatasetError/PreprocessError.
+    """
+    input_config = config.input
+    _check_batch_ops(preprocess.parse(input_config.pp_train), config.batch_size, process_count)
+    preprocess.parse(input_config.pp_eval, allow_batch_ops=False)
+    for key in ("pp_train", "pp_eval"):
+        classes = preprocess.onehot_classes(input_config[key])
+        if classes is not None and classes != config.model.num_classes:
+            raise preprocess.PreprocessError(
+                f"config key 'input.{key}' makes {classes}-class labels (onehot({classes})), but config key "
+                f"'model.num_classes' is {config.model.num_classes}; make them agree."
+            )
     if input_config.dataset == SYNTHETIC:
         splits = tuple(SYNTHETIC_SPLITS)
         known = lambda split: split in splits  # noqa: E731
@@ -112,6 +155,15 @@ def check(input_config: ml_collections.ConfigDict) -> None:
             )
 
 
+def _check_batch_ops(pp: preprocess.Preprocess, batch_size: int, process_count: int) -> None:
+    local_batch = batch_size // process_count
+    if pp.batch_ops and local_batch % 2:
+        raise preprocess.PreprocessError(
+            f"mixup pairs the two halves of each process's batch, but config key 'batch_size' "
+            f"{batch_size} over {process_count} process(es) gives an odd {local_batch}; use an even share."
+        )
+
+
 def _split_exists(builder: tfds.core.DatasetBuilder, split: str) -> bool:
     try:
         builder.info.splits[split]
@@ -126,11 +178,16 @@ def prepare(input_config: ml_collections.ConfigDict) -> None:
         get_builder(input_config.dataset, input_config.data_dir)
 
 
-def _source(config: ml_collections.ConfigDict, split: str):
+def _source(config: ml_collections.ConfigDict, split: str, *, raw_image: bool = False):
+    """The split's random-access source; `raw_image`: images as encoded bytes, not decoded."""
     if config.input.dataset == SYNTHETIC:
         return SyntheticSource(SYNTHETIC_SPLITS[split], config.model.image_size, config.model.num_classes)
     builder = get_builder(config.input.dataset, config.input.data_dir)
-    return builder.as_data_source(split=split)
+    decoders = None
+    features = builder.info.features
+    if raw_image and "image" in features and isinstance(features["image"], tfds.features.Image):
+        decoders = {"image": tfds.decode.SkipDecoding()}
+    return builder.as_data_source(split=split, decoders=decoders)
 
 
 def _select(example: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -140,18 +197,29 @@ def _select(example: dict[str, Any]) -> dict[str, np.ndarray]:
             f"preprocessing left no {missing} field(s); end it with ops that produce them, e.g. "
             f"'value_range(-1,1)|onehot(NUM_CLASSES)'. It produced {sorted(example)}."
         )
-    return {k: example[k] for k in FIELDS}
+    return {"image": preprocess.pixels(example["image"]), "labels": example["labels"]}
+
+
+def _read_options(input_config: ml_collections.ConfigDict) -> grain.ReadOptions:
+    """Each of `num_workers` threads prepares whole batches; at least one batch per thread is in flight."""
+    workers = input_config.num_workers
+    return grain.ReadOptions(num_threads=workers, prefetch_buffer_size=max(input_config.prefetch, workers))
 
 
 def make_train(config: ml_collections.ConfigDict, *, process_index: int, process_count: int) -> grain.DatasetIterator:
     """The infinite, checkpointable stream of this process's training batches."""
     pp = preprocess.parse(config.input.pp_train)
-    ds = grain.MapDataset.source(_source(config, config.input.train_split))
+    local_batch = config.batch_size // process_count
+    _check_batch_ops(pp, config.batch_size, process_count)
+    ds = grain.MapDataset.source(_source(config, config.input.train_split, raw_image=pp.raw_image))
     ds = ds.seed(config.seed).shuffle().repeat()
-    ds = ds.random_map(lambda ex, rng: _select(pp(ex, rng)))
+    ds = ds.random_map(lambda ex, rng: _select(pp.example_fn(ex, rng)))
     ds = ds[process_index::process_count]
-    ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
-    options = grain.ReadOptions(num_threads=config.input.num_workers, prefetch_buffer_size=config.input.prefetch)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    if pp.has_batch_fn:  # Batch b of every process is a share of global batch b.
+        seed = config.seed
+        ds = ds.map_with_index(lambda b, batch: pp.batch_fn(batch, np.random.default_rng((seed, BATCH_RNG_TAG, b))))
+    options = _read_options(config.input)
     return iter(ds.to_iter_dataset(options))
 
 
@@ -171,16 +239,18 @@ class EvalData:
 def make_eval(
     config: ml_collections.ConfigDict, *, process_index: int, process_count: int, split: str | None = None
 ) -> EvalData:
-    source = _source(config, split or config.input.eval_split)
-    pp = preprocess.parse(config.input.pp_eval)
+    pp = preprocess.parse(config.input.pp_eval, allow_batch_ops=False)
+    source = _source(config, split or config.input.eval_split, raw_image=pp.raw_image)
     num_examples = len(source)
     num_batches = math.ceil(num_examples / config.batch_size)
 
     def load(position: int) -> dict[str, np.ndarray]:
-        example = _select(pp(source[min(position, num_examples - 1)], np.random.default_rng(position)))
+        example = _select(pp.example_fn(source[min(position, num_examples - 1)], np.random.default_rng(position)))
         return example | {"mask": np.bool_(position < num_examples)}
 
     ds = grain.MapDataset.range(num_batches * config.batch_size)[process_index::process_count]
     ds = ds.map(load).batch(config.batch_size // process_count)
-    options = grain.ReadOptions(num_threads=config.input.num_workers, prefetch_buffer_size=config.input.prefetch)
+    if pp.has_batch_fn:
+        ds = ds.map(lambda batch: pp.batch_fn(batch, None))
+    options = _read_options(config.input)
     return EvalData(ds, num_examples, num_batches, options)

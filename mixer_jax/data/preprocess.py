@@ -1,34 +1,52 @@
-"""Preprocessing as a string of registered ops: `"resize(16)|rgb|value_range(-1,1)|onehot(10)"`.
+"""Preprocessing as a string of registered ops, e.g.
+`"decode|inception_crop(224)|flip_lr|randaug(2,15)|value_range(-1,1)|onehot(1000)|mixup(0.5)"`.
 
 An op is registered under a name with `@register`; its factory takes the literal arguments from the
 string and returns `fn(example, rng) -> example`, acting on a dict of numpy values. `rng` is a
 `numpy.random.Generator` seeded from (seed, example index), so random ops are reproducible and
-independent of threads and processes. `parse` builds every op at once, so an unknown op or a bad
-argument is a config error at start-up, not a crash in a worker thread.
+independent of threads and processes. Ops registered with `batch=True` (`mixup`) act on a whole
+batch `fn(batch, rng) -> batch` after batching; they come last in the string. `parse` builds every
+op at once, so an unknown op or a bad argument is a config error at start-up, not a crash in a
+worker thread.
+
+`decode` turns encoded JPEG/PNG bytes into a lazily decoded PIL image. The next geometric op
+(`inception_crop`, `resize`, `resize_small`, `central_crop`) then decodes only at the scale it needs:
+JPEG's DCT scaling (PIL's draft mode) decodes at 1/2, 1/4 or 1/8 of the size when the output is
+that much smaller, and the crop and resize are one PIL resample of the crop box.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import io
+import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from mixer_jax.data import randaug as randaug_lib
+
 Example = dict[str, Any]
 Op = Callable[[Example, np.random.Generator], Example]
 
 _REGISTRY: dict[str, Callable[..., Op]] = {}
+_BATCH_OPS: set[str] = set()
 
 
 class PreprocessError(ValueError):
     """A preprocessing string that names an unknown op or passes it bad arguments."""
 
 
-def register(name: str):
+def register(name: str, *, batch: bool = False):
+    """Registers an op factory under `name`; `batch=True`: the op acts on whole batches."""
+
     def wrap(factory: Callable[..., Op]) -> Callable[..., Op]:
         _REGISTRY[name] = factory
+        if batch:
+            _BATCH_OPS.add(name)
         return factory
 
     return wrap
@@ -51,26 +69,87 @@ def _parse_op(spec: str) -> tuple[str, tuple, dict]:
     raise PreprocessError(f"cannot parse preprocessing op {spec!r}; write it as name or name(arg, ...)")
 
 
-def parse(pp: str) -> Op:
-    """The composition of the ops in `pp`, split on `|`. Raises PreprocessError."""
-    ops = []
+LABEL_OPS = ("onehot",)  # Ops that read and write labels only.
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """A parsed preprocessing string. Call it on an example for the whole string (batch ops aside).
+
+    Pipelines call `example_fn` per example and `batch_fn` per batch: a `value_range` followed only
+    by label ops runs in `batch_fn` on the stacked uint8 batch (the same float32 arithmetic, one
+    vectorised pass, and a stack of uint8 instead of float32), then the batch ops (`mixup`).
+    """
+
+    ops: tuple[Op, ...]
+    batch_ops: tuple[Op, ...]
+    raw_image: bool  # Starts with `decode`: the source should hand over the encoded bytes.
+    deferred: int | None = None  # Index in `ops` of the value_range that `batch_fn` applies.
+
+    def __call__(self, example: Example, rng: np.random.Generator) -> Example:
+        for op in self.ops:
+            example = op(example, rng)
+        return example
+
+    def example_fn(self, example: Example, rng: np.random.Generator) -> Example:
+        for i, op in enumerate(self.ops):
+            if i != self.deferred:
+                example = op(example, rng)
+        return example
+
+    @property
+    def has_batch_fn(self) -> bool:
+        return bool(self.batch_ops) or self.deferred is not None
+
+    def batch_fn(self, batch: Example, rng: np.random.Generator | None) -> Example:
+        if self.deferred is not None:
+            batch = self.ops[self.deferred](batch, rng)
+        for op in self.batch_ops:
+            batch = op(batch, rng)
+        return batch
+
+
+def parse(pp: str, *, allow_batch_ops: bool = True) -> Preprocess:
+    """The ops in `pp`, split on `|`. Raises PreprocessError."""
+    ops, batch_ops, names = [], [], []
     for spec in filter(None, (s.strip() for s in pp.split("|"))):
         name, args, kwargs = _parse_op(spec)
         if name not in _REGISTRY:
             raise PreprocessError(
                 f"unknown preprocessing op {name!r} in {pp!r}; known ops: {', '.join(sorted(_REGISTRY))}"
             )
+        if name in _BATCH_OPS and not allow_batch_ops:
+            raise PreprocessError(
+                f"preprocessing op {spec!r} mixes the examples of a training batch; it belongs at the end of "
+                f"config key 'input.pp_train', not in {pp!r}"
+            )
+        if name not in _BATCH_OPS and batch_ops:
+            raise PreprocessError(
+                f"preprocessing op {spec!r} acts on single examples, so it must come before the batch op(s) "
+                f"{[n for n in names if n in _BATCH_OPS]} in {pp!r}"
+            )
         try:
-            ops.append(_REGISTRY[name](*args, **kwargs))
+            (batch_ops if name in _BATCH_OPS else ops).append(_REGISTRY[name](*args, **kwargs))
         except (TypeError, ValueError) as e:
             raise PreprocessError(f"preprocessing op {spec!r}: {e}") from None
+        names.append(name)
+    example_names = [n for n in names if n not in _BATCH_OPS]
+    deferred = None
+    for i in reversed(range(len(example_names))):
+        if example_names[i] == "value_range":
+            deferred = i
+        if example_names[i] not in LABEL_OPS:
+            break
+    return Preprocess(tuple(ops), tuple(batch_ops), raw_image=bool(names) and names[0] == "decode", deferred=deferred)
 
-    def apply(example: Example, rng: np.random.Generator) -> Example:
-        for op in ops:
-            example = op(example, rng)
-        return example
 
-    return apply
+def onehot_classes(pp: str) -> int | None:
+    """The class count of the string's `onehot` op, or None without one (call after `parse`)."""
+    for spec in filter(None, (s.strip() for s in pp.split("|"))):
+        name, args, kwargs = _parse_op(spec)
+        if name == "onehot":
+            return kwargs.get("num_classes", args[0] if args else None)
+    return None
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -86,13 +165,120 @@ def _size(size: Any) -> tuple[int, int]:
     return s, s
 
 
-def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    if image.shape[:2] == (height, width):
-        return image
-    squeeze = image.shape[-1] == 1
-    pil = Image.fromarray(image[..., 0] if squeeze else image)
-    out = np.asarray(pil.resize((width, height), Image.BILINEAR))
-    return out[..., None] if squeeze else out
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """An opened but not yet decoded image; `mode` is the PIL mode it is delivered in (RGB or L)."""
+
+    image: Image.Image
+    mode: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)."""
+        return self.image.size[1], self.image.size[0]
+
+
+def _height_width(image: np.ndarray | Encoded) -> tuple[int, int]:
+    return image.size if isinstance(image, Encoded) else image.shape[:2]
+
+
+def _finish(image: Image.Image, mode: str | None) -> np.ndarray:
+    if mode and image.mode != mode:
+        image = image.convert(mode)
+    out = np.asarray(image)
+    return out[..., None] if out.ndim == 2 else out
+
+
+def pixels(image: np.ndarray | Encoded) -> np.ndarray:
+    """The uint8 (H, W, C) pixels of a decoded array or an `Encoded` image."""
+    return _finish(image.image, image.mode) if isinstance(image, Encoded) else image
+
+
+def _crop_resize(image: np.ndarray | Encoded, box: tuple[float, ...], height: int, width: int) -> np.ndarray:
+    """Crops `box` (left, top, right, bottom) and resizes it bilinearly to height x width, in one resample.
+
+    An `Encoded` JPEG is decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps the box at
+    least the output size (PIL's draft mode), so a large image is decoded at a fraction of its size.
+    """
+    if isinstance(image, Encoded):
+        pil, mode = image.image, image.mode
+        full_w, full_h = pil.size
+        shrink = min((box[2] - box[0]) / width, (box[3] - box[1]) / height)
+        if pil.format == "JPEG" and shrink >= 2:
+            scale = min(8, 2 ** math.floor(math.log2(shrink)))
+            pil.draft(None, (full_w // scale, full_h // scale))
+        if pil.size != (full_w, full_h):
+            sx, sy = pil.size[0] / full_w, pil.size[1] / full_h
+            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        if pil.mode not in ("L", "RGB"):  # Palette, CMYK, alpha: resample in the delivered mode.
+            pil = pil.convert(mode)
+    else:
+        gray = image.shape[-1] == 1
+        pil, mode = Image.fromarray(image[..., 0] if gray else image), None
+    if pil.size == (width, height) and tuple(box) == (0, 0, width, height):
+        return _finish(pil, mode)
+    return _finish(pil.resize((width, height), Image.BILINEAR, box=box), mode)
+
+
+def _resize(image: np.ndarray | Encoded, height: int, width: int) -> np.ndarray:
+    h, w = _height_width(image)
+    return _crop_resize(image, (0, 0, w, h), height, width)
+
+
+def _encoded_bytes(value: Any) -> bytes | None:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, np.ndarray) and value.dtype == object and value.size == 1:
+        return value.item()
+    return None
+
+
+@register("decode")
+def decode(channels: int = 3) -> Op:
+    """Encoded JPEG/PNG bytes -> an `Encoded` image, decoded by the next op that needs pixels.
+
+    Delivers `channels` = 3 (RGB; grayscale, palette and CMYK images are converted) or 1 (L).
+    Already decoded images (datasets read without `decode` first) get the same channel count.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    mode = "RGB" if channels == 3 else "L"
+
+    def op(ex, rng):
+        image = ex["image"]
+        if (data := _encoded_bytes(image)) is not None:
+            return ex | {"image": Encoded(Image.open(io.BytesIO(data)), mode)}
+        image = pixels(image)
+        if image.shape[-1] != channels:
+            image = _finish(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), mode)
+        return ex | {"image": image}
+
+    return op
+
+
+@register("inception_crop")
+def inception_crop(size: Any, area_min: float = 5, area_max: float = 100) -> Op:
+    """Random crop of area_min..area_max percent of the image, aspect ratio 3/4..4/3 (Szegedy et al.),
+    resized to size x size (or (height, width)). After 10 failed draws it takes the whole image."""
+    h, w = _size(size)
+    if not 0 < area_min <= area_max <= 100:
+        raise ValueError(f"inception_crop needs 0 < area_min <= area_max <= 100 (percent), got {area_min}, {area_max}")
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+
+    def op(ex, rng):
+        height, width = _height_width(ex["image"])
+        box = (0, 0, width, height)
+        for _ in range(10):
+            area = height * width * rng.uniform(area_min, area_max) / 100
+            ratio = math.exp(rng.uniform(*log_ratio))
+            cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < cw <= width and 0 < ch <= height:
+                x, y = int(rng.integers(0, width - cw + 1)), int(rng.integers(0, height - ch + 1))
+                box = (x, y, x + cw, y + ch)
+                break
+        return ex | {"image": _crop_resize(ex["image"], box, h, w)}
+
+    return op
 
 
 @register("resize")
@@ -106,12 +292,43 @@ def resize(size: Any) -> Op:
     return op
 
 
+@register("resize_small")
+def resize_small(size: int) -> Op:
+    """Bilinear resize so that the shorter side is `size`, keeping the aspect ratio."""
+    _positive_int("size", size)
+
+    def op(ex, rng):
+        height, width = _height_width(ex["image"])
+        scale = size / min(height, width)
+        return ex | {"image": _resize(ex["image"], max(1, round(height * scale)), max(1, round(width * scale)))}
+
+    return op
+
+
+@register("central_crop")
+def central_crop(size: Any) -> Op:
+    """The central size x size (or (height, width)) window."""
+    h, w = _size(size)
+
+    def op(ex, rng):
+        height, width = _height_width(ex["image"])
+        if height < h or width < w:
+            raise ValueError(f"central_crop({h}, {w}) of an image of {height}x{width}; resize it first")
+        top, left = (height - h) // 2, (width - w) // 2
+        image = ex["image"]
+        if isinstance(image, Encoded):
+            return ex | {"image": _crop_resize(image, (left, top, left + w, top + h), h, w)}
+        return ex | {"image": image[top : top + h, left : left + w]}
+
+    return op
+
+
 @register("rgb")
 def rgb() -> Op:
     """Grayscale (H, W, 1) -> (H, W, 3); RGB images pass through."""
 
     def op(ex, rng):
-        im = ex["image"]
+        im = pixels(ex["image"])
         return ex | {"image": np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im}
 
     return op
@@ -123,7 +340,7 @@ def pad_crop(pad: int) -> Op:
     _positive_int("pad", pad)
 
     def op(ex, rng):
-        im = ex["image"]
+        im = pixels(ex["image"])
         h, w = im.shape[:2]
         padded = np.pad(im, ((pad, pad), (pad, pad), (0, 0)))
         y, x = rng.integers(0, 2 * pad + 1, size=2)
@@ -137,20 +354,36 @@ def flip_lr() -> Op:
     """Horizontal flip with probability 1/2."""
 
     def op(ex, rng):
-        return ex | {"image": ex["image"][:, ::-1]} if rng.random() < 0.5 else ex
+        im = pixels(ex["image"])
+        return ex | {"image": im[:, ::-1] if rng.random() < 0.5 else im}
+
+    return op
+
+
+@register("randaug")
+def randaug(num_layers: int = 2, magnitude: float = 15) -> Op:
+    """RandAugment: `num_layers` random ops at `magnitude` (10 = the reference's nominal maximum)."""
+    _positive_int("num_layers", num_layers)
+    if isinstance(magnitude, bool) or not isinstance(magnitude, (int, float)) or not 0 <= magnitude <= 30:
+        raise ValueError(f"magnitude must be a number in [0, 30], got {magnitude!r}")
+
+    def op(ex, rng):
+        return ex | {"image": randaug_lib.randaugment(pixels(ex["image"]), num_layers, magnitude, rng)}
 
     return op
 
 
 @register("value_range")
 def value_range(vmin: float = -1.0, vmax: float = 1.0) -> Op:
-    """uint8 [0, 255] -> float32 [vmin, vmax]."""
+    """uint8 [0, 255] -> float32 [vmin, vmax]; elementwise, so it applies to a batch as well."""
     if not vmin < vmax:
         raise ValueError(f"value_range needs vmin < vmax, got ({vmin}, {vmax})")
     scale = (vmax - vmin) / 255.0
 
     def op(ex, rng):
-        return ex | {"image": ex["image"].astype(np.float32) * np.float32(scale) + np.float32(vmin)}
+        out = np.multiply(pixels(ex["image"]), np.float32(scale), dtype=np.float32)
+        out += np.float32(vmin)
+        return ex | {"image": out}
 
     return op
 
@@ -177,5 +410,30 @@ def keep(*keys: str) -> Op:
 
     def op(ex, rng):
         return {k: ex[k] for k in keys}
+
+    return op
+
+
+@register("mixup", batch=True)
+def mixup(alpha: float = 0.5) -> Op:
+    """Batch-level mixup (Zhang et al.): images and labels become w * x + (1 - w) * x', w ~ Beta(alpha, alpha).
+
+    The partner x' of the example at local position i is the one at i + n/2 (mod n) in the local
+    batch of n: globally, position j + B/2 of the global batch of B, which lives on the same process
+    for any process count, so the mixed global batch does not depend on the number of processes.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"alpha must be a number > 0, got {alpha!r}")
+
+    def op(batch, rng):
+        n = len(batch["image"])
+        if n % 2:
+            raise ValueError(f"mixup pairs the halves of each process's batch, which has an odd size {n}")
+        weight = np.float32(rng.beta(alpha, alpha))
+        mixed = {}
+        for key in ("image", "labels"):
+            x = batch[key].astype(np.float32, copy=False)
+            mixed[key] = weight * x + (1 - weight) * np.roll(x, n // 2, axis=0)
+        return batch | mixed
 
     return op

@@ -1,0 +1,123 @@
+"""Classify image files with Mixer weights and print the top classes with their probabilities.
+
+python -m mixer_jax.predict --weights=PATH [--variant=B/16] [--image_size=224] [--labels=imagenet2012|FILE|TFDS_NAME]
+    [--data_dir=DIR] IMAGE...
+
+Any JPEG or PNG of any size: the shorter side is resized (bicubic) to image_size / crop_fraction,
+the centre image_size x image_size is cropped, and pixels are scaled to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from PIL import Image
+
+from mixer_jax import models
+
+CROP_FRACTION = 0.875  # timm's crop_pct for the released Mixer weights.
+
+
+class LabelsError(ValueError):
+    """Class names that cannot be found; the message says where they were looked for."""
+
+
+def load_image(path: str, image_size: int, crop_fraction: float = CROP_FRACTION) -> np.ndarray:
+    """(image_size, image_size, 3) float32 in [-1, 1]: resize the shorter side, centre crop."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        short = max(image_size, round(image_size / crop_fraction))
+        w, h = im.size
+        scale = short / min(w, h)
+        im = im.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BICUBIC)
+        left, top = (im.width - image_size) // 2, (im.height - image_size) // 2
+        im = im.crop((left, top, left + image_size, top + image_size))
+        return np.asarray(im, np.float32) / 127.5 - 1.0
+
+
+def label_names(labels: str, num_classes: int, data_dir: str = "") -> list[str]:
+    """Class names: "" (indices), a file with one name per line, "imagenet2012" (the WordNet IDs that
+    tfds ships as its ClassLabel names) or any TFDS dataset prepared under `data_dir`."""
+    if not labels:
+        return [f"class {i}" for i in range(num_classes)]
+    if os.path.isfile(labels):
+        with open(labels) as f:
+            names = [line.strip() for line in f if line.strip()]
+        where = labels
+    elif labels == "imagenet2012":
+        names, where = _imagenet2012_names(), "tensorflow_datasets' imagenet2012 labels.txt"
+    else:
+        from mixer_jax.data import pipeline
+
+        try:
+            builder = pipeline.get_builder(labels, data_dir, prepare=False)
+            names = list(builder.info.features["label"].names)
+        except (pipeline.DatasetError, KeyError, AttributeError) as e:
+            raise LabelsError(
+                f"--labels={labels!r} is neither a file nor a TFDS dataset with a 'label' ClassLabel "
+                f"under data_dir {pipeline.resolve_data_dir(data_dir)!r}: {e}"
+            ) from None
+        where = f"TFDS dataset {labels}"
+    if len(names) != num_classes:
+        raise LabelsError(f"{where} has {len(names)} class names, but the model has {num_classes} classes")
+    return names
+
+
+def _imagenet2012_names() -> list[str]:
+    import importlib.resources
+
+    try:
+        text = importlib.resources.files("tensorflow_datasets").joinpath("datasets/imagenet2012/labels.txt")
+        return text.read_text().split()
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        raise LabelsError(
+            f"the imagenet2012 class names ship with tensorflow_datasets, which is not usable here ({e}); "
+            f"pass --labels=FILE with one class name per line"
+        ) from None
+
+
+def predict(params: Any, model: models.MlpMixer, images: np.ndarray) -> np.ndarray:
+    """Softmax probabilities (N, num_classes) for images (N, H, W, 3) in [-1, 1]."""
+    logits = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(params, images)
+    return np.asarray(jax.nn.softmax(logits, -1))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from mixer_jax import weights
+
+    parser = argparse.ArgumentParser(prog="python -m mixer_jax.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", required=True, help=".npz, .safetensors, .pth, workdir or checkpoint")
+    parser.add_argument("--variant", default=None, help="e.g. B/16; checked against the weights if given")
+    parser.add_argument("--image_size", type=int, default=None, help="default: the weights' own")
+    parser.add_argument("--labels", default="", help="imagenet2012, a file (one name per line) or a TFDS dataset")
+    parser.add_argument("--data_dir", default="", help="TFDS data_dir for --labels=TFDS_NAME")
+    parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--crop_fraction", type=float, default=CROP_FRACTION)
+    parser.add_argument("--gelu_exact", action="store_true", help="exact GELU (timm-trained weights)")
+    parser.add_argument("images", nargs="+")
+    args = parser.parse_args(argv)
+    try:
+        flat = weights.read(args.weights)
+        model = weights.model_for(flat, args.variant, image_size=args.image_size, gelu_approximate=not args.gelu_exact)
+        params = weights.convert(flat, model, source=args.weights)
+        names = label_names(args.labels, model.num_classes, args.data_dir)
+        images = np.stack([load_image(p, model.image_size, args.crop_fraction) for p in args.images])
+    except (weights.WeightsError, LabelsError, OSError) as e:
+        print(f"mixer_jax.predict: error: {e}", file=sys.stderr)
+        return 2
+    probs = predict(params, model, images)
+    for path, p in zip(args.images, probs, strict=True):
+        print(path)
+        for i in np.argsort(-p)[: args.top]:
+            print(f"  {p[i]:.4f}  {i:>5d}  {names[i]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

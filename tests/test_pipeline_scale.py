@@ -1,0 +1,252 @@
+"""The input pipeline at scale: encoded images, augmentation recipes, exact resume, image-folder import."""
+
+import io
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from conftest import load_config
+from PIL import Image
+
+from mixer_jax import checkpointing, train
+from mixer_jax.config import defaults
+from mixer_jax.data import pipeline, prepare, preprocess
+
+CLASSES = ("bird", "cat", "dog")
+NUM_TEST = 1003
+AUGMENT = "decode|inception_crop(16)|flip_lr|randaug(2,15)|value_range(-1,1)|onehot(3)|mixup(0.5)"
+
+
+def _image(rng, cls: int, size=(40, 30)) -> Image.Image:
+    """A smooth random image tinted by its class, so the classes are tellable apart."""
+    coarse = rng.integers(0, 160, (4, 4, 3)).astype(np.uint8)
+    coarse[..., cls] += 90
+    return Image.fromarray(coarse).resize(size, Image.BILINEAR)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """An image folder (JPEG, PNG, one grayscale JPEG, one palette PNG, two corrupt files), imported once."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 36), ("test", NUM_TEST)):
+        for i in range(count):
+            cls = i % 3
+            d = root / split / CLASSES[cls]
+            d.mkdir(parents=True, exist_ok=True)
+            size = (40, 30) if split == "train" else (16, 16)
+            _image(rng, cls, size).save(d / f"{i:04d}.{'jpg' if i % 2 else 'png'}")
+    _image(rng, 1).convert("L").save(root / "train" / "cat" / "gray.jpg")
+    _image(rng, 0).convert("P").save(root / "train" / "bird" / "palette.png")
+    (root / "train" / "dog" / "garbage.jpg").write_bytes(b"not an image at all" * 10)
+    png = io.BytesIO()
+    _image(rng, 1).save(png, format="PNG")
+    (root / "train" / "cat" / "truncated.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    report = prepare.import_image_folder(str(root), "toy_folder", data_dir, verbose=False)
+    return data_dir, report
+
+
+def folder_config(data_dir, pp_train=AUGMENT, batch_size=8):
+    c = defaults()
+    c.input.dataset, c.input.data_dir = "toy_folder", data_dir
+    c.input.pp_train = pp_train
+    c.input.pp_eval = "decode|resize(16)|value_range(-1,1)|onehot(3)"
+    c.model.update(variant="Mu/4", image_size=16, num_classes=3)
+    c.batch_size = batch_size
+    return c
+
+
+def test_image_folder_import(folder):
+    data_dir, report = folder
+    assert report.kept == {"train": 38, "test": NUM_TEST} and report.converted["train"] == 2
+    assert sorted(p for p, _ in report.skipped) == ["train/cat/truncated.png", "train/dog/garbage.jpg"]
+    with open(os.path.join(report.directory, prepare.REPORT)) as f:
+        text = f.read()
+    assert "skipped 2 unreadable file(s)" in text and "train/dog/garbage.jpg" in text
+    builder = pipeline.get_builder("toy_folder", data_dir)
+    assert builder.info.features["label"].names == list(CLASSES)
+    source = builder.as_data_source("train")
+    by_name = {bytes(source[i]["file_name"]).decode(): source[i] for i in range(len(source))}
+    gray = by_name["train/cat/gray.jpg"]
+    assert gray["image"].shape == (30, 40, 3) and gray["label"] == 1
+    assert by_name["train/bird/palette.png"]["image"].shape == (30, 40, 3)
+    with pytest.raises(ValueError, match="already exists"):
+        prepare.import_image_folder(str(data_dir), "toy_folder", data_dir, verbose=False)
+
+
+def test_encoded_source_and_ops(folder):
+    data_dir, _ = folder
+    c = folder_config(data_dir)
+    raw = pipeline._source(c, "train", raw_image=True)[0]
+    assert isinstance(raw["image"], bytes)
+    pp = preprocess.parse("decode|inception_crop(16, area_min=50)|flip_lr|randaug(3, 20)|value_range(0, 1)")
+    out = pp(raw, np.random.default_rng(0))
+    assert out["image"].shape == (16, 16, 3) and out["image"].dtype == np.float32
+    assert out["image"].min() >= 0 and out["image"].max() <= 1
+    evaluated = preprocess.parse("decode|resize_small(20)|central_crop(18)")(raw, None)["image"]
+    assert evaluated.shape == (18, 18, 3) and evaluated.dtype == np.uint8  # 40x30 -> 27x20 -> 18x18.
+    # JPEG draft mode: an 8x larger image cropped to the same output decodes at reduced scale.
+    big = io.BytesIO()
+    _image(np.random.default_rng(1), 2, (800, 600)).save(big, format="JPEG", quality=95)
+    small = preprocess.parse("decode|resize(30)")({"image": big.getvalue()}, None)["image"]
+    direct = np.asarray(Image.open(big).convert("RGB").resize((30, 30), Image.BILINEAR))
+    assert small.shape == (30, 30, 3) and np.abs(small.astype(int) - direct).mean() < 3
+    for op in preprocess.randaug_lib.NAMES:  # Every RandAugment op keeps shape and dtype.
+        image = np.asarray(_image(np.random.default_rng(2), 0, (24, 24)))
+        augmented = preprocess.randaug_lib.OPS[op](Image.fromarray(image), 15, np.random.default_rng(0))
+        assert np.asarray(augmented).shape == (24, 24, 3), op
+
+
+@pytest.mark.parametrize(
+    "pp,allow,message",
+    [
+        ("decode|mixup(0.5)|flip_lr", True, "must come before the batch op"),
+        ("decode|value_range(-1,1)|onehot(3)|mixup(0.5)", False, "belongs at the end of config key 'input.pp_train'"),
+        ("mixup(-1)", True, "alpha must be a number > 0"),
+        ("randaug(2, 45)", True, r"magnitude must be a number in \[0, 30\]"),
+        ("inception_crop(224, area_min=0)", True, "0 < area_min <= area_max <= 100"),
+        ("decode(channels=2)", True, "channels must be 1 or 3"),
+    ],
+)
+def test_new_op_errors(pp, allow, message):
+    with pytest.raises(preprocess.PreprocessError, match=message):
+        preprocess.parse(pp, allow_batch_ops=allow)
+
+
+def test_mixup_needs_an_even_share_per_process():
+    c = load_config("b16_i1k", "variant=Mu/32")
+    c.input.dataset, c.batch_size = "synthetic", 6
+    pipeline.check(c, process_count=1)
+    with pytest.raises(preprocess.PreprocessError, match="'batch_size' 6 over 2 process.*odd 3"):
+        pipeline.check(c, process_count=2)
+
+
+def test_augmented_stream_deterministic_across_process_counts(folder):
+    data_dir, _ = folder
+    c = folder_config(data_dir)
+    one = pipeline.make_train(c, process_index=0, process_count=1)
+    again = pipeline.make_train(c, process_index=0, process_count=1)
+    halves = [pipeline.make_train(c, process_index=p, process_count=2) for p in range(2)]
+    unmixed = pipeline.make_train(
+        folder_config(data_dir, AUGMENT.removesuffix("|mixup(0.5)")), process_index=0, process_count=1
+    )
+    for step in range(6):  # 48 positions: the 38 examples and part of the next epoch.
+        a, b, x = next(one), next(again), next(unmixed)
+        parts = [next(h) for h in halves]
+        for key in ("image", "labels"):
+            np.testing.assert_array_equal(a[key], b[key])
+            union = np.empty_like(a[key])
+            union[0::2], union[1::2] = parts[0][key], parts[1][key]
+            np.testing.assert_array_equal(union, a[key])
+        # Mixup: w * x + (1 - w) * (x rolled by half the batch), w ~ Beta(0.5, 0.5) from (seed, step).
+        w = np.float32(np.random.default_rng((0, pipeline.BATCH_RNG_TAG, step)).beta(0.5, 0.5))
+        for key in ("image", "labels"):
+            np.testing.assert_allclose(a[key], w * x[key] + (1 - w) * np.roll(x[key], 4, axis=0), atol=1e-6)
+        assert a["image"].min() >= -1 and a["image"].max() <= 1
+    c.seed = 1
+    assert not np.array_equal(next(pipeline.make_train(c, process_index=0, process_count=1))["image"], a["image"])
+    c.seed, c.batch_size = 0, 6
+    with pytest.raises(preprocess.PreprocessError, match="odd 3"):
+        pipeline.make_train(c, process_index=0, process_count=2)
+
+
+def test_augmented_stream_resumes_exactly(folder):
+    data_dir, _ = folder
+    c = folder_config(data_dir)
+    straight = pipeline.make_train(c, process_index=0, process_count=1)
+    want = [next(straight) for _ in range(10)]
+    first = pipeline.make_train(c, process_index=0, process_count=1)
+    for _ in range(5):
+        next(first)
+    state = first.get_state()
+    resumed = pipeline.make_train(c, process_index=0, process_count=1)
+    resumed.set_state(state)
+    for i in range(5, 10):
+        got = next(resumed)
+        np.testing.assert_array_equal(got["image"], want[i]["image"])
+        np.testing.assert_array_equal(got["labels"], want[i]["labels"])
+
+
+def _mock_imagenet_metadata(data_dir: str) -> None:
+    """imagenet2012's real feature metadata, stored as ArrayRecord, for tfds.testing.mock_data."""
+    builder = tfds.builder("imagenet2012", data_dir=data_dir)
+    splits = [
+        tfds.core.SplitInfo(
+            name=name,
+            shard_lengths=[n],
+            num_bytes=0,
+            filename_template=tfds.core.ShardedFileTemplate(
+                data_dir=builder.data_path, dataset_name="imagenet2012", split=name, filetype_suffix="array_record"
+            ),
+        )
+        for name, n in (("train", 1_281_167), ("validation", 50_000))
+    ]
+    builder.info.set_splits(tfds.core.SplitDict(splits))
+    builder.info.set_file_format("array_record", override=True)
+    os.makedirs(builder.data_path, exist_ok=True)
+    builder.info.write_to_directory(builder.data_path)
+
+
+def test_imagenet2012_on_mock_data(tmp_path):
+    data_dir = str(tmp_path)
+    _mock_imagenet_metadata(data_dir)
+    c = load_config("b16_i1k", "variant=Mu/16")
+    c.input.data_dir = data_dir
+    c.input.pp_train = c.input.pp_train.replace("224", "32")
+    c.input.pp_eval = c.input.pp_eval.replace("256", "36").replace("224", "32")
+    c.batch_size = 8
+    with tfds.testing.mock_data(num_examples=21, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=data_dir):
+        pipeline.check(c)
+        assert isinstance(pipeline._source(c, "train", raw_image=True)[0]["image"], bytes)  # JPEG bytes.
+        stream = pipeline.make_train(c, process_index=0, process_count=1)
+        for _ in range(3):
+            batch = next(stream)
+            assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+            assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+            assert batch["labels"].shape == (8, 1000)
+            np.testing.assert_allclose(batch["labels"].sum(-1), 1, rtol=1e-6)
+        evaluation = pipeline.make_eval(c, process_index=0, process_count=1)
+        batches = list(evaluation)
+        assert evaluation.num_examples == 21 and len(batches) == evaluation.num_batches == 3
+        labels = np.concatenate([b["labels"] for b in batches])
+        mask = np.concatenate([b["mask"] for b in batches])
+        assert mask.sum() == 21 and (labels.sum(-1) == 1).all() and labels.shape == (24, 1000)
+        images = np.concatenate([b["image"] for b in batches])
+        assert images.shape == (24, 32, 32, 3) and images.min() >= -1 and images.max() <= 1
+
+
+def test_eval_counts_every_example_through_trainer(folder, tmp_path):
+    """1,003 examples, batch 64, 8 devices: the trainer counts each once and matches a plain loop."""
+    data_dir, _ = folder
+    assert jax.device_count() == 8
+    c = folder_config(data_dir, pp_train="decode|inception_crop(16)|flip_lr|value_range(-1,1)|onehot(3)", batch_size=64)
+    c.update(total_steps=3, warmup_steps=1, lr=0.01, log_every=1, eval_every=0, checkpoint_every=0)
+    c.input.eval_split = "test"
+    pipeline.check(c)
+    metrics = train.train_and_evaluate(c, str(tmp_path))
+    assert metrics["eval/examples"] == NUM_TEST
+
+    _, state = checkpointing.load_state_numpy(str(tmp_path / "checkpoints"))
+    model = train.create_model(c)
+    source = pipeline.get_builder("toy_folder", data_dir).as_data_source("test")
+    pp = preprocess.parse(c.input.pp_eval)
+    examples = [pp(source[i], None) for i in range(len(source))]
+    images = np.stack([preprocess.pixels(e["image"]) for e in examples])
+    labels = np.array([e["label"] for e in examples])
+    logits = np.asarray(model.apply({"params": state["params"]}, images, train=False))
+    correct = int((logits.argmax(-1) == labels).sum())
+    assert len(source) == NUM_TEST and metrics["eval/accuracy"] == correct / NUM_TEST
+
+
+@pytest.mark.parametrize("name", ["b16_i1k", "l16_i21k", "jft"])
+def test_recipe_runs_two_synthetic_steps(name, tmp_path, monkeypatch):
+    monkeypatch.setitem(pipeline.SYNTHETIC_SPLITS, "test", 16)
+    c = load_config(name, "variant=Mu/32")
+    c.input.dataset, c.input.eval_split = "synthetic", "test"
+    c.input.num_workers = 2
+    c.update(batch_size=8, total_steps=2, warmup_steps=1, log_every=1, eval_every=0, checkpoint_every=0)
+    metrics = train.train_and_evaluate(c, str(tmp_path))
+    assert metrics["eval/examples"] == 16 and np.isfinite(metrics["eval/loss"])
