@@ -118,7 +118,7 @@ def test_new_op_errors(pp, allow, message):
 
 def test_mixup_needs_an_even_share_per_process():
     c = load_config("b16_i1k", "variant=Mu/32")
-    c.input.dataset, c.batch_size = "synthetic", 6
+    c.input.dataset, c.input.eval_split, c.batch_size = "synthetic", "test", 6
     pipeline.check(c, process_count=1)
     with pytest.raises(preprocess.PreprocessError, match="'batch_size' 6 over 2 process.*odd 3"):
         pipeline.check(c, process_count=2)
