@@ -300,8 +300,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("training from step %d to %d", first_step, config.total_steps)
     with mesh:
         for step in range(first_step + 1, config.total_steps + 1):
-            batch = sharding.put_batch(next(train_iter), mesh)
-            state, metrics = train_step(state, batch)
+            batch = sharding.put_batch(next(train_iter), mesh)  # The step's one host-to-device transfer.
+            with jax.transfer_guard("disallow"):  # Nothing else crosses, nothing waits for the device.
+                state, metrics = train_step(state, batch)
             pending.append(metrics)
             is_last = step == config.total_steps
             preempted = preemption.reached(step)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Train-step throughput of mixer_jax vs timm's eager PyTorch Mixer on this CPU, measured back to back
+# (alternating, ROUNDS times each), same model, batch and optimizer family (AdamW, clipping at 1).
+#
+#   benchmarks/compare_timm.sh [VARIANT=S/16] [BATCH=32] [ROUNDS=3]
+#
+# TIMM_PYTHON: a Python with torch and timm (default: a venv made once under /tmp/timm_venv).
+# MIXER_PYTHON: the Python that runs mixer_jax (default: python).
+set -euo pipefail
+variant=${1:-S/16}
+batch=${2:-32}
+rounds=${3:-3}
+timm_model="mixer_$(echo "$variant" | tr 'A-Z' 'a-z' | tr -d '/')_224"
+mixer_python=${MIXER_PYTHON:-python}
+timm_python=${TIMM_PYTHON:-/tmp/timm_venv/bin/python}
+if [[ ! -x "$timm_python" ]]; then
+  python3 -m venv /tmp/timm_venv
+  /tmp/timm_venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1 timm --extra-index-url https://download.pytorch.org/whl/cpu
+fi
+cd "$(dirname "$0")/.."
+for round in $(seq "$rounds"); do
+  "$timm_python" benchmarks/timm_train.py --model="$timm_model" --batch="$batch" --steps=5
+  "$mixer_python" -m mixer_jax.bench train --variant="$variant" --batch="$batch" --steps=5 --json 2>/dev/null
+done | "$mixer_python" -c '
+import json, statistics, sys
+rows = [json.loads(line) for line in sys.stdin if line.startswith("{")]
+timm = statistics.median(r["images_per_s"] for r in rows if "framework" in r)
+ours = statistics.median(r["images_per_s"] for r in rows if "framework" not in r)
+print(json.dumps({"timm_images_per_s": timm, "mixer_jax_images_per_s": ours, "speedup": ours / timm}))
+'
