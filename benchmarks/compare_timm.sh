@@ -2,7 +2,10 @@
 # Train-step throughput of mixer_jax vs timm's eager PyTorch Mixer on this CPU, measured back to back
 # (alternating, ROUNDS times each), same model, batch and optimizer family (AdamW, clipping at 1).
 #
-#   benchmarks/compare_timm.sh [VARIANT=S/16] [BATCH=32] [ROUNDS=3]
+#   benchmarks/compare_timm.sh [VARIANT=S/16] [BATCH=32] [ROUNDS=3] [ACCUM=1]
+#
+# ACCUM > 1 splits each batch into microbatches whose gradients are summed before the one AdamW
+# update (the same optimizer step on the same batch; the smaller working set suits CPU caches).
 #
 # TIMM_PYTHON: a Python with torch and timm (default: a venv made once under /tmp/timm_venv).
 # MIXER_PYTHON: the Python that runs mixer_jax (default: python).
@@ -10,6 +13,7 @@ set -euo pipefail
 variant=${1:-S/16}
 batch=${2:-32}
 rounds=${3:-3}
+accum=${4:-1}
 timm_model="mixer_$(echo "$variant" | tr 'A-Z' 'a-z' | tr -d '/')_224"
 mixer_python=${MIXER_PYTHON:-python}
 timm_python=${TIMM_PYTHON:-/tmp/timm_venv/bin/python}
@@ -20,7 +24,7 @@ fi
 cd "$(dirname "$0")/.."
 for round in $(seq "$rounds"); do
   "$timm_python" benchmarks/timm_train.py --model="$timm_model" --batch="$batch" --steps=5
-  "$mixer_python" -m mixer_jax.bench train --variant="$variant" --batch="$batch" --steps=5 --json 2>/dev/null
+  "$mixer_python" -m mixer_jax.bench train --variant="$variant" --batch="$batch" --accum_steps="$accum" --scan=false --steps=5 --json 2>/dev/null
 done | "$mixer_python" -c '
 import json, statistics, sys
 rows = [json.loads(line) for line in sys.stdin if line.startswith("{")]
