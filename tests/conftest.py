@@ -22,6 +22,26 @@ def load_config(name: str, arg: str | None = None):
     return module.get_config(arg)
 
 
+def assert_train_stream_resumes(config, keys=("image", "labels")) -> None:
+    """Batches 6-10 after saving the iterator state at 5 and restoring it into a rebuilt pipeline
+    equal an uninterrupted stream's."""
+    import numpy as np
+
+    from mixer_jax.data import pipeline
+
+    straight = pipeline.make_train(config, process_index=0, process_count=1)
+    want = [next(straight) for _ in range(10)]
+    first = pipeline.make_train(config, process_index=0, process_count=1)
+    for _ in range(5):
+        next(first)
+    resumed = pipeline.make_train(config, process_index=0, process_count=1)
+    resumed.set_state(first.get_state())
+    for i in range(5, 10):
+        got = next(resumed)
+        for key in keys:
+            np.testing.assert_array_equal(got[key], want[i][key])
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A TFDS data_dir with the built-in digits dataset prepared once for the whole session."""

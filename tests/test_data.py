@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import assert_train_stream_resumes
 from sklearn.datasets import load_digits
 
 from mixer_jax.config import defaults
@@ -94,17 +95,7 @@ def test_train_stream_is_deterministic_and_process_independent(data_dir):
 
 
 def test_train_iterator_resumes_exactly(data_dir):
-    c = digits_config(data_dir)
-    straight = pipeline.make_train(c, process_index=0, process_count=1)
-    want = [next(straight)["labels"] for _ in range(10)]
-    first = pipeline.make_train(c, process_index=0, process_count=1)
-    for _ in range(5):
-        next(first)
-    state = first.get_state()
-    resumed = pipeline.make_train(c, process_index=0, process_count=1)
-    resumed.set_state(state)
-    for i in range(5, 10):
-        np.testing.assert_array_equal(next(resumed)["labels"], want[i])
+    assert_train_stream_resumes(digits_config(data_dir))
 
 
 @pytest.mark.parametrize("process_count", [1, 2])

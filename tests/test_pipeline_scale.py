@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import load_config
+from conftest import assert_train_stream_resumes, load_config
 from PIL import Image
 
 from mixer_jax import checkpointing, train
@@ -155,19 +155,7 @@ def test_augmented_stream_deterministic_across_process_counts(folder):
 
 def test_augmented_stream_resumes_exactly(folder):
     data_dir, _ = folder
-    c = folder_config(data_dir)
-    straight = pipeline.make_train(c, process_index=0, process_count=1)
-    want = [next(straight) for _ in range(10)]
-    first = pipeline.make_train(c, process_index=0, process_count=1)
-    for _ in range(5):
-        next(first)
-    state = first.get_state()
-    resumed = pipeline.make_train(c, process_index=0, process_count=1)
-    resumed.set_state(state)
-    for i in range(5, 10):
-        got = next(resumed)
-        np.testing.assert_array_equal(got["image"], want[i]["image"])
-        np.testing.assert_array_equal(got["labels"], want[i]["labels"])
+    assert_train_stream_resumes(folder_config(data_dir))
 
 
 def _mock_imagenet_metadata(data_dir: str) -> None:
