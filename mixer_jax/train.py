@@ -108,7 +108,11 @@ def sharded_init(model: models.MlpMixer, tx: optax.GradientTransformation, mesh:
 
 
 def state_from_weights(
-    config: ml_collections.ConfigDict, model: models.MlpMixer, tx: optax.GradientTransformation, shardings: TrainState
+    config: ml_collections.ConfigDict,
+    model: models.MlpMixer,
+    tx: optax.GradientTransformation,
+    shardings: TrainState,
+    rng: jax.Array,
 ) -> TrainState:
     """Step 0 of a run that starts from the weights at `config.init.path` (see `weights.load`).
 
@@ -124,7 +128,7 @@ def state_from_weights(
     def init_state(params: Any, rng: jax.Array) -> TrainState:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
 
-    return init_state(params, jax.random.key(config.seed))
+    return init_state(params, rng)
 
 
 def make_train_step(
@@ -276,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_iter.set_state(data_state)
         logging.info("restored step %d from %s", step_to_restore, source.directory)
     elif config.init.path:
-        state = state_from_weights(config, model, tx, state_shardings)
+        state = state_from_weights(config, model, tx, state_shardings, base_rng)
         logging.info("initialised from %s%s", config.init.path, " with a new head" if config.init.new_head else "")
     else:
         state = init_state(base_rng)
@@ -298,6 +302,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_metrics: dict[str, float] = {}
     preemption = checkpointing.Preemption()
     logging.info("training from step %d to %d", first_step, config.total_steps)
+
+    def publish(step: int, metrics: dict[str, float]) -> None:
+        writer.write_scalars(step, metrics)
+        _append_jsonl(workdir, step, metrics, is_main)
+
     with mesh:
         for step in range(first_step + 1, config.total_steps + 1):
             batch = sharding.put_batch(next(train_iter), mesh)  # The step's one host-to-device transfer.
@@ -327,8 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     "perf/images_per_s": steps_per_s * config.batch_size,
                     "perf/tflops": steps_per_s * flops_per_step / 1e12,
                 }
-                writer.write_scalars(step, summary)
-                _append_jsonl(workdir, step, summary, is_main)
+                publish(step, summary)
                 eta = (config.total_steps - step) / max(steps_per_s, 1e-9)
                 logging.info(
                     "step %d/%d  loss %.4f  lr %.2e  %.2f steps/s  %.1f img/s  ETA %s",
@@ -343,8 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
             if is_eval:
                 eval_metrics = evaluate(state.params)
-                writer.write_scalars(step, eval_metrics)
-                _append_jsonl(workdir, step, eval_metrics, is_main)
+                publish(step, eval_metrics)
                 logging.info(
                     "step %d  eval accuracy %.4f  loss %.4f  (%d examples)",
                     step,
@@ -356,14 +363,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
             if fewshot_eval and (is_last or (config.fewshot.every and step % config.fewshot.every == 0)):
                 fewshot_metrics = fewshot_eval(state.params, model)
-                writer.write_scalars(step, fewshot_metrics)
-                _append_jsonl(workdir, step, fewshot_metrics, is_main)
+                publish(step, fewshot_metrics)
                 logging.info(
                     "step %d  few-shot %s",
                     step,
                     "  ".join(f"{k.removeprefix('fewshot/')} {100 * v:.2f}%" for k, v in fewshot_metrics.items()),
                 )
-                eval_metrics |= fewshot_metrics if is_eval else {}
+                if is_eval:  # Saved with the checkpoint and returned at the end.
+                    eval_metrics |= fewshot_metrics
                 last_log = (time.perf_counter(), step)
 
             if is_save:

@@ -128,10 +128,13 @@ def check(config: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
     Raises DatasetError/PreprocessError.
     """
     input_config = config.input
-    _check_batch_ops(preprocess.parse(input_config.pp_train), config.batch_size, process_count)
-    preprocess.parse(input_config.pp_eval, allow_batch_ops=False)
-    for key in ("pp_train", "pp_eval"):
-        classes = preprocess.onehot_classes(input_config[key])
+    parsed = {
+        "pp_train": preprocess.parse(input_config.pp_train),
+        "pp_eval": preprocess.parse(input_config.pp_eval, allow_batch_ops=False),
+    }
+    _check_batch_ops(parsed["pp_train"], config.batch_size, process_count)
+    for key, pp in parsed.items():
+        classes = pp.num_classes
         if classes is not None and classes != config.model.num_classes:
             raise preprocess.PreprocessError(
                 f"config key 'input.{key}' makes {classes}-class labels (onehot({classes})), but config key "

@@ -85,6 +85,7 @@ class Preprocess:
     batch_ops: tuple[Op, ...]
     raw_image: bool  # Starts with `decode`: the source should hand over the encoded bytes.
     deferred: int | None = None  # Index in `ops` of the value_range that `batch_fn` applies.
+    num_classes: int | None = None  # The class count of the `onehot` op, if there is one.
 
     def __call__(self, example: Example, rng: np.random.Generator) -> Example:
         for op in self.ops:
@@ -111,7 +112,7 @@ class Preprocess:
 
 def parse(pp: str, *, allow_batch_ops: bool = True) -> Preprocess:
     """The ops in `pp`, split on `|`. Raises PreprocessError."""
-    ops, batch_ops, names = [], [], []
+    ops, batch_ops, names, num_classes = [], [], [], None
     for spec in filter(None, (s.strip() for s in pp.split("|"))):
         name, args, kwargs = _parse_op(spec)
         if name not in _REGISTRY:
@@ -133,6 +134,8 @@ def parse(pp: str, *, allow_batch_ops: bool = True) -> Preprocess:
         except (TypeError, ValueError) as e:
             raise PreprocessError(f"preprocessing op {spec!r}: {e}") from None
         names.append(name)
+        if name == "onehot":
+            num_classes = kwargs.get("num_classes", args[0] if args else None)
     example_names = [n for n in names if n not in _BATCH_OPS]
     deferred = None
     for i in reversed(range(len(example_names))):
@@ -140,16 +143,8 @@ def parse(pp: str, *, allow_batch_ops: bool = True) -> Preprocess:
             deferred = i
         if example_names[i] not in LABEL_OPS:
             break
-    return Preprocess(tuple(ops), tuple(batch_ops), raw_image=bool(names) and names[0] == "decode", deferred=deferred)
-
-
-def onehot_classes(pp: str) -> int | None:
-    """The class count of the string's `onehot` op, or None without one (call after `parse`)."""
-    for spec in filter(None, (s.strip() for s in pp.split("|"))):
-        name, args, kwargs = _parse_op(spec)
-        if name == "onehot":
-            return kwargs.get("num_classes", args[0] if args else None)
-    return None
+    raw_image = bool(names) and names[0] == "decode"
+    return Preprocess(tuple(ops), tuple(batch_ops), raw_image=raw_image, deferred=deferred, num_classes=num_classes)
 
 
 def _positive_int(name: str, value: Any) -> int:
