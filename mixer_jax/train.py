@@ -25,7 +25,7 @@ from clu import metric_writers
 from jax.sharding import Mesh
 
 from mixer_jax import checkpointing, fewshot, models, optim, sharding, weights
-from mixer_jax.data import pipeline
+from mixer_jax.data import pipeline, preprocess
 
 
 @flax.struct.dataclass
@@ -141,6 +141,7 @@ def make_train_step(
 ):
     """The jitted step `(state, batch) -> (state, metrics)`; the state is donated."""
     accum = config.accum_steps
+    finish = preprocess.parse(config.input.pp_train).on_device
 
     def grads_and_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[Any, jax.Array]:
         def objective(params):
@@ -153,6 +154,7 @@ def make_train_step(
     @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(state_shardings, None))
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
+        batch = batch | {"image": finish(batch["image"])}
         if accum == 1:
             grads, loss = grads_and_loss(state.params, batch, rng)
         else:
@@ -180,10 +182,11 @@ def make_train_step(
 
 def _evaluator(config: ml_collections.ConfigDict, model: models.MlpMixer, mesh: Mesh, eval_data: pipeline.EvalData):
     """`evaluate(params) -> metrics` over the whole split: masked sums, each example counted once."""
+    finish = preprocess.parse(config.input.pp_eval).on_device
 
     @jax.jit
     def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        logits = model.apply({"params": params}, batch["image"], train=False)
+        logits = model.apply({"params": params}, finish(batch["image"]), train=False)
         mask = batch["mask"].astype(jnp.float32)
         hit = jnp.take_along_axis(batch["labels"], jnp.argmax(logits, -1)[:, None], -1)[:, 0]
         return {

@@ -145,7 +145,10 @@ def test_augmented_stream_deterministic_across_process_counts(folder):
         w = np.float32(np.random.default_rng((0, pipeline.BATCH_RNG_TAG, step)).beta(0.5, 0.5))
         for key in ("image", "labels"):
             np.testing.assert_allclose(a[key], w * x[key] + (1 - w) * np.roll(x[key], 4, axis=0), atol=1e-6)
-        assert a["image"].min() >= -1 and a["image"].max() <= 1
+        # The host ships [0, 255]; the step maps it to value_range(-1,1).
+        assert a["image"].min() >= 0 and a["image"].max() <= 255
+        scaled = preprocess.parse(c.input.pp_train).on_device(a["image"])
+        assert scaled.dtype == np.float32 and scaled.min() >= -1 and scaled.max() <= 1
     c.seed = 1
     assert not np.array_equal(next(pipeline.make_train(c, process_index=0, process_count=1))["image"], a["image"])
     c.seed, c.batch_size = 0, 6
@@ -190,10 +193,12 @@ def test_imagenet2012_on_mock_data(tmp_path):
         pipeline.check(c)
         assert isinstance(pipeline._source(c, "train", raw_image=True)[0]["image"], bytes)  # JPEG bytes.
         stream = pipeline.make_train(c, process_index=0, process_count=1)
+        to_train_input = preprocess.parse(c.input.pp_train).on_device
         for _ in range(3):
-            batch = next(stream)
+            batch = next(stream)  # Mixup mixes the uint8 images; the step scales them.
             assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
-            assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+            images = to_train_input(batch["image"])
+            assert images.dtype == np.float32 and images.min() >= -1 and images.max() <= 1
             assert batch["labels"].shape == (8, 1000)
             np.testing.assert_allclose(batch["labels"].sum(-1), 1, rtol=1e-6)
         evaluation = pipeline.make_eval(c, process_index=0, process_count=1)
@@ -203,7 +208,9 @@ def test_imagenet2012_on_mock_data(tmp_path):
         mask = np.concatenate([b["mask"] for b in batches])
         assert mask.sum() == 21 and (labels.sum(-1) == 1).all() and labels.shape == (24, 1000)
         images = np.concatenate([b["image"] for b in batches])
-        assert images.shape == (24, 32, 32, 3) and images.min() >= -1 and images.max() <= 1
+        assert images.shape == (24, 32, 32, 3) and images.dtype == np.uint8  # Scaled in the eval step:
+        images = preprocess.parse(c.input.pp_eval).on_device(images)
+        assert images.dtype == np.float32 and images.min() >= -1 and images.max() <= 1
 
 
 def test_eval_counts_every_example_through_trainer(folder, tmp_path):

@@ -10,7 +10,8 @@ Batch-level ops (`mixup`) run after batching with an rng seeded by (seed, batch 
 are part of the same pure function of (seed, step) and resume exactly.
 
 When the preprocessing starts with `decode`, the source hands over the encoded JPEG/PNG bytes
-(TFDS `SkipDecoding`) and the ops decode them with PIL, at reduced scale where they can.
+(TFDS `SkipDecoding`) and the ops decode them, at reduced scale where they can. A final
+`value_range` runs in the jitted step (`Preprocess.on_device`): batches leave the host as uint8.
 
 Evaluation visits every example exactly once: the split is padded to a whole number of global
 batches with masked copies, so every process runs the same number of batches.
