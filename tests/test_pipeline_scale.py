@@ -100,6 +100,50 @@ def test_encoded_source_and_ops(folder):
         assert np.asarray(augmented).shape == (24, 24, 3), op
 
 
+def test_decode_and_resize_match_tensorflow():
+    """JPEGs decode to exactly `tf.io.decode_jpeg`'s pixels (the reference pipelines' decoder), other
+    formats and modes to PIL's; crops resize as `tf.image.resize` (bilinear, half-pixel centres)."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    photo = Image.fromarray(rng.integers(0, 256, (60, 80, 3), np.uint8)).resize((320, 240), Image.BICUBIC)
+    encoded = {}
+    for name, image, fmt in (
+        ("rgb.jpg", photo, "JPEG"),
+        ("gray.jpg", photo.convert("L"), "JPEG"),
+        ("cmyk.jpg", photo.convert("CMYK"), "JPEG"),
+        ("rgb.png", photo, "PNG"),
+        ("palette.png", photo.convert("P"), "PNG"),
+        ("rgba.png", photo.convert("RGBA"), "PNG"),
+    ):
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, quality=90)
+        encoded[name] = buffer.getvalue()
+    for name, data in encoded.items():
+        for channels in (3, 1):
+            ours = preprocess.pixels(preprocess.parse(f"decode({channels})")({"image": data}, None)["image"])
+            if name.endswith(".jpg") and name != "cmyk.jpg":
+                reference = tf.io.decode_jpeg(data, channels=channels).numpy()
+                np.testing.assert_array_equal(ours, reference, err_msg=name)
+            else:
+                reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB" if channels == 3 else "L"))
+                diff = np.abs(ours.astype(int) - reference.reshape(ours.shape))
+                # PNGs are lossless (grayscale rounds differently by 1); CMYK JPEGs go through another
+                # IDCT and colour conversion than PIL's.
+                tolerance = (8, 1.0) if name == "cmyk.jpg" else (1, 1.0) if channels == 1 else (0, 1.0)
+                assert ours.shape[-1] == channels, (name, channels, ours.shape)
+                assert diff.max() <= tolerance[0] and diff.mean() < tolerance[1], (name, channels, diff.max())
+    # Crop and resize: inception_crop's box, resized like TF's bilinear (no antialiasing below 2x).
+    data = encoded["rgb.jpg"]
+    box = (37, 21, 37 + 190, 21 + 170)  # left, top, right, bottom: shrink 190/160 and 170/120.
+    decoded = preprocess.parse("decode")({"image": data}, None)["image"]
+    ours = preprocess._crop_resize(decoded, box, 120, 160)
+    crop = tf.io.decode_jpeg(data, channels=3)[box[1] : box[3], box[0] : box[2]]
+    reference = tf.image.resize(crop, (120, 160), method="bilinear", antialias=False).numpy()
+    diff = np.abs(ours.astype(np.float32) - reference)
+    assert ours.shape == (120, 160, 3) and diff.max() <= 1 and diff.mean() < 0.5, (diff.max(), diff.mean())
+
+
 @pytest.mark.parametrize(
     "pp,allow,message",
     [

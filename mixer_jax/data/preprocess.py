@@ -449,7 +449,8 @@ def onehot(num_classes: int, key: str = "label", outkey: str = "labels") -> Op:
 
     def op(ex, rng):
         label = np.asarray(ex[key])
-        if (label < 0).any() or (label >= num_classes).any():
+        labels = (int(label),) if label.ndim == 0 else (label.min(), label.max()) if label.size else ()
+        if any(not 0 <= x < num_classes for x in labels):
             raise ValueError(f"label {label} outside [0, {num_classes})")
         out = np.zeros(num_classes, np.float32)
         out[label] = 1.0
