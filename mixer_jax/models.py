@@ -120,11 +120,45 @@ class PatchStem(nn.Module):
         return jnp.einsum("nhpwqc,pqcd->nhwd", patches, kernel) + bias
 
 
+class LeadingDense(nn.Module):
+    """A Dense layer over the leading axis: y[d, ...] = sum_s x[s, ...] kernel[s, d] + bias[d].
+
+    The same `kernel` (in, out) and `bias` (out,) as `nn.Dense`. On tokens-major activations
+    (tokens, batch, channels) this is token mixing as one matmul, kernel^T @ x viewed as
+    (tokens, batch * channels), with no transpose of the activations.
+    """
+
+    features: int
+    axes: tuple[str, str]
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.linear.default_kernel_init, self.axes),
+            (x.shape[0], self.features),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[1:]),
+            (self.features,),
+            self.param_dtype,
+        )
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jnp.einsum("sd,sn->dn", kernel, x.reshape(x.shape[0], -1))
+        return y.reshape(self.features, *x.shape[1:]) + bias.reshape(-1, *(1,) * (x.ndim - 1))
+
+
 class MlpBlock(nn.Module):
-    """Dense -> GELU -> Dense back to the input width. `axes` = (input axis, hidden axis) names."""
+    """Dense -> GELU -> Dense back to the input width, over the last axis (`axis=-1`) or the leading
+    one (`axis=0`, `LeadingDense`). `axes` = (input axis, hidden axis) names."""
 
     mlp_dim: int
     axes: tuple[str, str]
+    axis: int = -1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     gelu_approximate: bool = True
@@ -132,23 +166,31 @@ class MlpBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-        width = x.shape[-1]
+        width = x.shape[self.axis]
         in_axis, hidden_axis = self.axes
-        y = _dense(self.mlp_dim, (in_axis, hidden_axis), self.dtype, self.param_dtype)(x)
+
+        def dense(features: int, axes: tuple[str, str], name: str) -> nn.Module:
+            if self.axis == 0:
+                return LeadingDense(features, axes, self.dtype, self.param_dtype, name=name)
+            return _dense(features, axes, self.dtype, self.param_dtype, name=name)
+
+        y = dense(self.mlp_dim, (in_axis, hidden_axis), "Dense_0")(x)
         y = nn.gelu(y, approximate=self.gelu_approximate)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-        y = _dense(width, (hidden_axis, in_axis), self.dtype, self.param_dtype)(y)
+        y = dense(width, (hidden_axis, in_axis), "Dense_1")(y)
         return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
-def drop_path(y: jax.Array, rate: jax.Array | float, rng: jax.Array) -> jax.Array:
-    """Stochastic depth: zero a residual branch per example with probability `rate`.
+def drop_path(y: jax.Array, rate: jax.Array | float, rng: jax.Array, batch_axis: int = 0) -> jax.Array:
+    """Stochastic depth: zero a residual branch per example (along `batch_axis`) with probability `rate`.
 
     Kept branches are scaled by 1/(1 - rate) ("inverted" scaling, as in DeiT/timm), so the
     expected branch output matches inference, where the branch is always kept unscaled.
     """
     keep = 1.0 - jnp.asarray(rate, jnp.float32)
-    mask = jax.random.bernoulli(rng, keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+    shape = [1] * y.ndim
+    shape[batch_axis] = y.shape[batch_axis]
+    mask = jax.random.bernoulli(rng, keep, tuple(shape))
     return jnp.where(mask, y / keep.astype(y.dtype), jnp.zeros_like(y))
 
 
@@ -165,7 +207,9 @@ class MixerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, drop_rates: jax.Array) -> jax.Array:
-        """x: (batch, tokens, channels). drop_rates: (2,) stochastic-depth rates of the two MLPs."""
+        """x: (tokens, batch, channels), tokens-major: token mixing is a matmul over the leading axis
+        and channel mixing one over the last, neither with a transpose. drop_rates: (2,)
+        stochastic-depth rates of the two MLPs."""
         deterministic = self.deterministic
         mlp = dict(
             dtype=self.dtype,
@@ -175,20 +219,18 @@ class MixerBlock(nn.Module):
         )
         stochastic = not deterministic and self.has_rng("dropout")
         y = _layer_norm(self.dtype, self.param_dtype)(x)
-        y = jnp.swapaxes(y, 1, 2)
-        y = MlpBlock(self.tokens_mlp_dim, ("tokens", "token_mlp"), name="token_mixing", **mlp)(
+        y = MlpBlock(self.tokens_mlp_dim, ("tokens", "token_mlp"), axis=0, name="token_mixing", **mlp)(
             y, deterministic=deterministic
         )
-        y = jnp.swapaxes(y, 1, 2)
         if stochastic:
-            y = drop_path(y, drop_rates[0], self.make_rng("dropout"))
+            y = drop_path(y, drop_rates[0], self.make_rng("dropout"), batch_axis=1)
         x = x + y
         y = _layer_norm(self.dtype, self.param_dtype)(x)
         y = MlpBlock(self.channels_mlp_dim, ("embed", "channel_mlp"), name="channel_mixing", **mlp)(
             y, deterministic=deterministic
         )
         if stochastic:
-            y = drop_path(y, drop_rates[1], self.make_rng("dropout"))
+            y = drop_path(y, drop_rates[1], self.make_rng("dropout"), batch_axis=1)
         return x + y
 
 
@@ -249,9 +291,10 @@ class MlpMixer(nn.Module):
             )
         x = PatchStem(self.hidden_dim, p, dtype=self.dtype, param_dtype=self.param_dtype, name="stem")(images)
         x = x.reshape(n, -1, self.hidden_dim)  # row-major token order, as the official einops.
+        x = jnp.swapaxes(x, 0, 1)  # Tokens-major (tokens, batch, channels) through the blocks.
         x = self._blocks(x, train)
         x = _layer_norm(self.dtype, self.param_dtype, name="pre_head_layer_norm")(x)
-        x = jnp.mean(x, axis=1)
+        x = jnp.mean(x, axis=0)
         self.sow("intermediates", "pre_logits", x)
         x = _dense(
             self.num_classes,
