@@ -10,7 +10,7 @@ compile time and peak memory.
 `data` times the training input pipeline (`pipeline.make_train`, grain threads included) and reports
 images/s, images/s per core (over min(workers, cores)) and images per CPU-second of the process
 (the per-core rate that stays honest on a shared machine), beside two plain single-threaded PIL
-loops over the same files, timed in the same process (`pil_baselines`). The pipeline's final
+loops over the same files, timed in the same process before and after it (`pil_baselines`). The pipeline's final
 `value_range` runs in the jitted step, so it is not part of the host's time here.
 """
 
@@ -225,13 +225,19 @@ def run_data() -> dict[str, Any]:
         if not c.input.dataset:
             sys.exit("bench data needs --dataset=NAME (with --data_dir) or --synthetic_jpeg=NUM_IMAGES")
         pipeline.check(c)
+        # The baselines run before and after the pipeline (its threads stopped), and their means are
+        # reported: a shared machine's speed drifts.
+        source = pipeline._source(c, c.input.train_split, raw_image=True)
+        before = pil_baselines(source)
         stream = pipeline.make_train(c, process_index=0, process_count=1)
         first = next(stream)  # Warm-up: opens the files and starts the threads.
         images, wall, cpu = 0, time.perf_counter(), time.process_time()
         while images < _IMAGES.value:
             images += len(next(stream)["image"])
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        baselines = pil_baselines(pipeline._source(c, c.input.train_split, raw_image=True))
+        stream.close()
+        after = pil_baselines(source)
+        baselines = {k: (v + after[k]) / 2 if v else None for k, v in before.items()}
     cores = min(max(1, _WORKERS.value), os.cpu_count() or 1)
     per_core = images / wall / cores
     return {
@@ -257,7 +263,7 @@ def run_data() -> dict[str, Any]:
     }
 
 
-def pil_baselines(source: Any, num_images: int = 256, seconds: float = 2.0) -> dict[str, float | None]:
+def pil_baselines(source: Any, num_images: int = 256, seconds: float = 1.5) -> dict[str, float | None]:
     """The same machine's baselines, single-threaded plain PIL loops over the same JPEGs:
 
     - `pil_decode_images_per_cpu_s`: full decode only;
