@@ -159,6 +159,10 @@ def test_stochastic_depth_and_dropout():
     np.testing.assert_array_equal(ev, model.apply({"params": params}, x, train=True))  # No rng: off.
     tr = [model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(s)}) for s in range(2)]
     assert np.abs(tr[0] - ev).max() > 1e-4 and np.abs(tr[0] - tr[1]).max() > 1e-4
+    # Stochastic depth keeps or drops a branch per example: copies of one image come out differently.
+    copies = jnp.repeat(x[:1], 8, axis=0)
+    out = np.asarray(model.apply({"params": params}, copies, train=True, rngs={"dropout": jax.random.key(0)}))
+    assert len({row.tobytes() for row in out}) > 1
 
 
 def test_drop_path_is_unbiased():
@@ -167,6 +171,8 @@ def test_drop_path_is_unbiased():
     values = np.unique(np.asarray(out))
     assert len(values) == 2 and values[0] == 0.0 and np.isclose(values[1], 1 / 0.7)
     assert abs(float(out.mean()) - 1.0) < 0.02
+    tokens_major = models.drop_path(jnp.ones((3, 20000, 2)), 0.3, jax.random.key(0), batch_axis=1)
+    np.testing.assert_array_equal(tokens_major, jnp.broadcast_to(out.reshape(1, -1, 1), (3, 20000, 2)))
 
 
 def test_bfloat16_compute():
