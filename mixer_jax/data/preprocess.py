@@ -204,15 +204,14 @@ def _height_width(image: np.ndarray | Encoded) -> tuple[int, int]:
     return image.size if isinstance(image, Encoded) else image.shape[:2]
 
 
+def _channels_last(out: np.ndarray) -> np.ndarray:
+    return out[..., None] if out.ndim == 2 else out
+
+
 def _finish(image: Image.Image, mode: str | None) -> np.ndarray:
     if mode and image.mode != mode:
         image = image.convert(mode)
-    out = np.asarray(image)
-    return out[..., None] if out.ndim == 2 else out
-
-
-def _channels_last(out: np.ndarray) -> np.ndarray:
-    return out[..., None] if out.ndim == 2 else out
+    return _channels_last(np.asarray(image))
 
 
 def _decode_any(data: bytes, mode: str) -> np.ndarray:
