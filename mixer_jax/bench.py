@@ -255,10 +255,8 @@ def run_data() -> dict[str, Any]:
         "images_per_cpu_s": images / cpu,
         **baselines,
         **{
-            f"per_core_vs_{name}": per_core / baselines[f"{name}_images_per_cpu_s"]
-            if baselines[f"{name}_images_per_cpu_s"]
-            else None
-            for name in ("pil_decode", "pil_loop")
+            f"per_core_vs_{key.removesuffix('_images_per_cpu_s')}": per_core / rate if rate else None
+            for key, rate in baselines.items()
         },
     }
 

@@ -86,6 +86,17 @@ def _layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn
     )
 
 
+def _kernel_and_bias(
+    module: nn.Module, shape: tuple[int, ...], axes: tuple[str, ...], param_dtype: Dtype
+) -> tuple[jax.Array, jax.Array]:
+    """`nn.Dense`'s parameters for a kernel of `shape` (output last): `kernel` (LeCun normal) and a zero
+    `bias` of the output width, partitioned by the logical `axes`."""
+    kernel_init = nn.with_logical_partitioning(nn.linear.default_kernel_init, axes)
+    kernel = module.param("kernel", kernel_init, shape, param_dtype)
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:])
+    return kernel, module.param("bias", bias_init, shape[-1:], param_dtype)
+
+
 class PatchStem(nn.Module):
     """The per-patch linear embedding: the official stride-p, p x p Conv (same `kernel` (p, p, 3, C)
     and `bias` (C,)), computed as one matmul over flattened patches. The same numbers as the
@@ -101,19 +112,8 @@ class PatchStem(nn.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         n, h, w, c = images.shape
         p = self.patch_size
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(
-                nn.linear.default_kernel_init, ("patch_height", "patch_width", "pixels", "embed")
-            ),
-            (p, p, c, self.features),
-            self.param_dtype,
-        )
-        bias = self.param(
-            "bias",
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-            (self.features,),
-            self.param_dtype,
+        kernel, bias = _kernel_and_bias(
+            self, (p, p, c, self.features), ("patch_height", "patch_width", "pixels", "embed"), self.param_dtype
         )
         images, kernel, bias = nn.dtypes.promote_dtype(images, kernel, bias, dtype=self.dtype)
         patches = images.reshape(n, h // p, p, w // p, p, c)
@@ -135,18 +135,7 @@ class LeadingDense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(nn.linear.default_kernel_init, self.axes),
-            (x.shape[0], self.features),
-            self.param_dtype,
-        )
-        bias = self.param(
-            "bias",
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[1:]),
-            (self.features,),
-            self.param_dtype,
-        )
+        kernel, bias = _kernel_and_bias(self, (x.shape[0], self.features), self.axes, self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         y = jnp.einsum("sd,sn->dn", kernel, x.reshape(x.shape[0], -1))
         return y.reshape(self.features, *x.shape[1:]) + bias.reshape(-1, *(1,) * (x.ndim - 1))
