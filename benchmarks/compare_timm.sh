@@ -2,9 +2,10 @@
 # Train-step throughput of mixer_jax vs timm's eager PyTorch Mixer on this CPU, measured back to back
 # (alternating, ROUNDS times each), same model, batch and optimizer family (AdamW, clipping at 1).
 #
-#   benchmarks/compare_timm.sh [VARIANT=S/16] [BATCH=32] [ROUNDS=3] [ACCUM=1]
+#   benchmarks/compare_timm.sh [VARIANT=S/16] [BATCH=32] [ROUNDS=3] [ACCUM=1] [PRECISION=float32]
 #
-# ACCUM > 1 splits each batch into microbatches whose gradients are summed before the one AdamW
+# PRECISION=mixed runs the matmuls in bfloat16 on both sides, with float32 parameters and LayerNorm:
+# mixer_jax's model.matmul_dtype=bfloat16 against torch.autocast(bfloat16). ACCUM > 1 splits each batch into microbatches whose gradients are summed before the one AdamW
 # update (the same optimizer step on the same batch; the smaller working set suits CPU caches).
 #
 # TIMM_PYTHON: a Python with torch and timm (default: a venv made once under /tmp/timm_venv).
@@ -14,6 +15,12 @@ variant=${1:-S/16}
 batch=${2:-32}
 rounds=${3:-3}
 accum=${4:-1}
+precision=${5:-float32}
+case "$precision" in
+  float32) timm_flags=(--autocast=none); mixer_flags=(--matmul_dtype=float32) ;;
+  mixed) timm_flags=(--autocast=bfloat16); mixer_flags=(--matmul_dtype=bfloat16) ;;
+  *) echo "PRECISION must be float32 or mixed, got $precision" >&2; exit 2 ;;
+esac
 timm_model="mixer_$(echo "$variant" | tr 'A-Z' 'a-z' | tr -d '/')_224"
 mixer_python=${MIXER_PYTHON:-python}
 timm_python=${TIMM_PYTHON:-/tmp/timm_venv/bin/python}
@@ -23,8 +30,9 @@ if [[ ! -x "$timm_python" ]]; then
 fi
 cd "$(dirname "$0")/.."
 for round in $(seq "$rounds"); do
-  "$timm_python" benchmarks/timm_train.py --model="$timm_model" --batch="$batch" --steps=5
-  "$mixer_python" -m mixer_jax.bench train --variant="$variant" --batch="$batch" --accum_steps="$accum" --scan=false --steps=5 --json 2>/dev/null
+  "$timm_python" benchmarks/timm_train.py --model="$timm_model" --batch="$batch" --steps=5 "${timm_flags[@]}"
+  "$mixer_python" -m mixer_jax.bench train --variant="$variant" --batch="$batch" --accum_steps="$accum" \
+    --scan=false --steps=5 "${mixer_flags[@]}" --json 2>/dev/null
 done | "$mixer_python" -c '
 import json, statistics, sys
 rows = [json.loads(line) for line in sys.stdin if line.startswith("{")]

@@ -6,8 +6,9 @@ Runs in its own environment (torch and timm are not dependencies of mixer_jax):
     /tmp/timm/bin/python benchmarks/timm_train.py --model=mixer_s16_224 --batch=32 --steps=10
 
 One step is what `python -m mixer_jax.bench train` times: forward, softmax cross-entropy,
-backward, global-norm clipping at 1 and an AdamW update, float32, random images and labels.
-Prints one JSON object.
+backward, global-norm clipping at 1 and an AdamW update, random images and labels. float32, or with
+`--autocast=bfloat16` torch's mixed precision (matmuls in bfloat16, float32 parameters and
+LayerNorm), the counterpart of mixer_jax's `model.matmul_dtype="bfloat16"`. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--autocast", choices=["none", "bfloat16"], default="none")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -38,7 +40,8 @@ def main() -> None:
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bfloat16"):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -55,6 +58,7 @@ def main() -> None:
                 "framework": f"torch {torch.__version__}, timm {timm.__version__}",
                 "model": args.model,
                 "batch": args.batch,
+                "autocast": args.autocast,
                 "threads": args.threads,
                 "step_s": seconds,
                 "images_per_s": args.batch / seconds,

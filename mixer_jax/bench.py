@@ -3,7 +3,7 @@ and of the input pipeline: `python -m mixer_jax.bench data [--dataset=NAME | --s
 
 It times the jitted, sharded train step of `mixer_jax.train` (or the forward pass) on device-resident
 random batches, and reports images/s, achieved TFLOP/s from the analytic FLOPs (training = 3x
-forward), the same process's large-matmul TFLOP/s at the same dtype (the practical roofline), the
+forward), the same process's large-matmul TFLOP/s at the matmul operand dtype (the practical roofline), the
 ratio of the two (MFU vs matmul), the spec peak and MFU against it where the device is known,
 compile time and peak memory.
 
@@ -33,6 +33,10 @@ _MESH = flags.DEFINE_string("mesh", "-1,1,1", "Mesh sizes data,fsdp,tensor (-1: 
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after one warm-up step; 0 compiles only.")
 _SCAN = flags.DEFINE_bool("scan", False, "Scan over the blocks (nn.scan), as config model.scan_blocks.")
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy: none, full, dots, dots_no_batch.")
+_MATMUL_DTYPE = flags.DEFINE_enum(
+    "matmul_dtype", "", ["", "float32", "bfloat16"], "Matmul operand dtype, as config model.matmul_dtype ('': --dtype)."
+)
+_MATMULS = flags.DEFINE_enum("matmuls", "auto", ["auto", "xla", "plain"], "Matmul layouts, as config model.matmuls.")
 _ACCUM = flags.DEFINE_integer("accum_steps", 1, "Gradient accumulation microbatches.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classifier width.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -114,6 +118,8 @@ def bench_config():
         dtype=_DTYPE.value,
         scan_blocks=_SCAN.value,
         remat=_REMAT.value,
+        matmul_dtype=_MATMUL_DTYPE.value,
+        matmuls=_MATMULS.value,
     )
     c.input.pp_train = "value_range(-1,1)"
     c.batch_size, c.accum_steps = _BATCH.value, _ACCUM.value
@@ -179,15 +185,18 @@ def run(mode: str) -> dict[str, Any]:
         seconds = (time.perf_counter() - t) / _STEPS.value
         images_per_s = c.batch_size / seconds
         tflops = images_per_s * flops_per_image / 1e12
-    matmul = matmul_flops(_DTYPE.value) / 1e12
+    operands = _MATMUL_DTYPE.value or _DTYPE.value  # The roofline is the matmuls' own dtype.
+    matmul = matmul_flops(operands) / 1e12
     device = jax.devices()[0]
-    peak = spec_peak(device.device_kind, _DTYPE.value)
+    peak = spec_peak(device.device_kind, operands)
     return {
         "mode": mode,
         "variant": _VARIANT.value,
         "image_size": size,
         "batch": c.batch_size,
         "dtype": _DTYPE.value,
+        "matmul_dtype": operands,
+        "matmuls": "plain" if model.plain_matmuls else "xla",
         "mesh": dict(mesh.shape),
         "scan": _SCAN.value,
         "remat": _REMAT.value,

@@ -60,6 +60,12 @@ def defaults() -> ml_collections.ConfigDict:
             stoch_depth=0.0,
             scan_blocks=False,  # One nn.scan over the blocks: compile time independent of depth.
             remat="none",  # none, full, dots, dots_no_batch: activations recomputed in backward.
+            # The dense layers' matmul operands ("": dtype); they accumulate in float32. dtype="float32"
+            # with matmul_dtype="bfloat16" keeps LayerNorm, GELU and residuals in float32.
+            matmul_dtype="",
+            # auto, xla, plain: the dense layers' matmul layouts (models.MlpMixer.plain_matmuls); auto
+            # picks plain for bfloat16 operands on CPU.
+            matmuls="auto",
             # Fine-tuning at image_size = K x this (init.path's resolution): token MLPs widened to
             # K²·D_S and initialised block-diagonally (paper Appendix C). 0: same resolution.
             pretrain_image_size=0,
@@ -227,6 +233,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
         ("model.param_dtype", DTYPES),
         ("optim.state_dtype", DTYPES),
         ("model.remat", tuple(models.REMAT_POLICIES)),
+        ("model.matmul_dtype", ("", *DTYPES)),
+        ("model.matmuls", models.MATMULS),
         ("mode", MODES),
         ("best_metric", BEST_METRICS),
     ):

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mixer_jax import matmul
+
 Dtype = Any
 
 # Size letter -> (num_blocks, hidden_dim C, tokens_mlp_dim D_S, channels_mlp_dim D_C).
@@ -97,6 +99,15 @@ def _kernel_and_bias(
     return kernel, module.param("bias", bias_init, shape[-1:], param_dtype)
 
 
+def _matmul(plain: bool) -> Any:
+    return matmul.dense_matmul if plain else matmul.xla_matmul
+
+
+def _operand_dtype(module: nn.Module) -> Dtype:
+    """A module's matmul operand dtype: its `matmul_dtype`, or `dtype` where that is None."""
+    return jnp.dtype(module.dtype if module.matmul_dtype is None else module.matmul_dtype)
+
+
 class PatchStem(nn.Module):
     """The per-patch linear embedding: the official stride-p, p x p Conv (same `kernel` (p, p, 3, C)
     and `bias` (C,)), computed as one matmul over flattened patches. The same numbers as the
@@ -107,6 +118,8 @@ class PatchStem(nn.Module):
     patch_size: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None  # None: dtype.
+    plain_matmuls: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -115,41 +128,51 @@ class PatchStem(nn.Module):
         kernel, bias = _kernel_and_bias(
             self, (p, p, c, self.features), ("patch_height", "patch_width", "pixels", "embed"), self.param_dtype
         )
-        images, kernel, bias = nn.dtypes.promote_dtype(images, kernel, bias, dtype=self.dtype)
-        patches = images.reshape(n, h // p, p, w // p, p, c)
-        return jnp.einsum("nhpwqc,pqcd->nhwd", patches, kernel) + bias
+        patches = images.astype(self.dtype).reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        patches, kernel = patches.reshape(-1, p * p * c), kernel.reshape(-1, self.features)
+        y = _matmul(self.plain_matmuls)(patches, kernel, bias, False, _operand_dtype(self))
+        return y.reshape(n, h // p, w // p, self.features)
 
 
-class LeadingDense(nn.Module):
-    """A Dense layer over the leading axis: y[d, ...] = sum_s x[s, ...] kernel[s, d] + bias[d].
+class Dense(nn.Module):
+    """`nn.Dense` (same `kernel` (in, out) and `bias` (out,)) over the last axis or, with `leading`,
+    over the leading one: y[d, ...] = sum_s x[s, ...] kernel[s, d] + bias[d].
 
-    The same `kernel` (in, out) and `bias` (out,) as `nn.Dense`. On tokens-major activations
-    (tokens, batch, channels) this is token mixing as one matmul, kernel^T @ x viewed as
-    (tokens, batch * channels), with no transpose of the activations.
+    On tokens-major activations (tokens, batch, channels), the leading-axis form is token mixing as
+    one matmul, kernel^T @ x viewed as (tokens, batch * channels), with no transpose of the
+    activations. The matmul's operands are in `matmul_dtype` (float32 accumulation), the result in
+    `dtype`; `plain_matmuls` selects `matmul.dense_matmul` (see there) over XLA's layouts.
     """
 
     features: int
     axes: tuple[str, str]
+    leading: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None  # None: dtype.
+    plain_matmuls: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel, bias = _kernel_and_bias(self, (x.shape[0], self.features), self.axes, self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jnp.einsum("sd,sn->dn", kernel, x.reshape(x.shape[0], -1))
-        return y.reshape(self.features, *x.shape[1:]) + bias.reshape(-1, *(1,) * (x.ndim - 1))
+        width = x.shape[0] if self.leading else x.shape[-1]
+        kernel, bias = _kernel_and_bias(self, (width, self.features), self.axes, self.param_dtype)
+        x = x.astype(self.dtype)
+        x2d = x.reshape(width, -1) if self.leading else x.reshape(-1, width)
+        y = _matmul(self.plain_matmuls)(x2d, kernel, bias, self.leading, _operand_dtype(self))
+        return y.reshape(self.features, *x.shape[1:]) if self.leading else y.reshape(*x.shape[:-1], self.features)
 
 
 class MlpBlock(nn.Module):
     """Dense -> GELU -> Dense back to the input width, over the last axis (`axis=-1`) or the leading
-    one (`axis=0`, `LeadingDense`). `axes` = (input axis, hidden axis) names."""
+    one (`axis=0`). `axes` = (input axis, hidden axis) names."""
 
     mlp_dim: int
     axes: tuple[str, str]
     axis: int = -1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None  # None: dtype.
+    plain_matmuls: bool = False
     gelu_approximate: bool = True
     dropout_rate: float = 0.0
 
@@ -159,9 +182,16 @@ class MlpBlock(nn.Module):
         in_axis, hidden_axis = self.axes
 
         def dense(features: int, axes: tuple[str, str], name: str) -> nn.Module:
-            if self.axis == 0:
-                return LeadingDense(features, axes, self.dtype, self.param_dtype, name=name)
-            return _dense(features, axes, self.dtype, self.param_dtype, name=name)
+            return Dense(
+                features,
+                axes,
+                self.axis == 0,
+                self.dtype,
+                self.param_dtype,
+                self.matmul_dtype,
+                self.plain_matmuls,
+                name=name,
+            )
 
         y = dense(self.mlp_dim, (in_axis, hidden_axis), "Dense_0")(x)
         y = nn.gelu(y, approximate=self.gelu_approximate)
@@ -193,6 +223,8 @@ class MixerBlock(nn.Module):
     gelu_approximate: bool = True
     dropout_rate: float = 0.0
     deterministic: bool = True
+    matmul_dtype: Dtype | None = None  # None: dtype.
+    plain_matmuls: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, drop_rates: jax.Array) -> jax.Array:
@@ -205,6 +237,8 @@ class MixerBlock(nn.Module):
             param_dtype=self.param_dtype,
             gelu_approximate=self.gelu_approximate,
             dropout_rate=self.dropout_rate,
+            matmul_dtype=self.matmul_dtype,
+            plain_matmuls=self.plain_matmuls,
         )
         stochastic = not deterministic and self.has_rng("dropout")
         y = _layer_norm(self.dtype, self.param_dtype)(x)
@@ -246,6 +280,8 @@ class MlpMixer(nn.Module):
     stoch_depth: float = 0.0
     scan_blocks: bool = False
     remat: str = "none"
+    matmul_dtype: Dtype | None = None
+    matmuls: str = "auto"
 
     def __post_init__(self):
         p = self.patch_size
@@ -256,7 +292,22 @@ class MlpMixer(nn.Module):
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        if self.matmuls not in MATMULS:
+            raise ValueError(f"matmuls {self.matmuls!r} is not one of {MATMULS}")
         super().__post_init__()
+
+    @property
+    def operand_dtype(self) -> Dtype:
+        """The dense layers' matmul operand dtype: `matmul_dtype`, by default `dtype`."""
+        return _operand_dtype(self)
+
+    @property
+    def plain_matmuls(self) -> bool:
+        """Whether the dense layers use `matmul.dense_matmul`: `matmuls="plain"`, or `"auto"` with
+        bfloat16 operands on CPU, where only plain-layout bfloat16 dots reach the fast kernels."""
+        if self.matmuls == "auto":
+            return self.operand_dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
+        return self.matmuls == "plain"
 
     @property
     def num_tokens(self) -> int:
@@ -278,7 +329,9 @@ class MlpMixer(nn.Module):
                 f"images of {h}x{w} give {(h // p) * (w // p)} tokens, but the model was built for "
                 f"image_size {self.image_size} ({self.num_tokens} tokens): create it with image_size={h}"
             )
-        x = PatchStem(self.hidden_dim, p, dtype=self.dtype, param_dtype=self.param_dtype, name="stem")(images)
+        x = PatchStem(
+            self.hidden_dim, p, self.dtype, self.param_dtype, self.operand_dtype, self.plain_matmuls, name="stem"
+        )(images)
         x = x.reshape(n, -1, self.hidden_dim)  # row-major token order, as the official einops.
         x = jnp.swapaxes(x, 0, 1)  # Tokens-major (tokens, batch, channels) through the blocks.
         x = self._blocks(x, train)
@@ -310,6 +363,8 @@ class MlpMixer(nn.Module):
             gelu_approximate=self.gelu_approximate,
             dropout_rate=self.dropout_rate,
             deterministic=not train,
+            matmul_dtype=self.operand_dtype,
+            plain_matmuls=self.plain_matmuls,
         )
         rates = self.drop_rates()
         if not self.scan_blocks:
@@ -326,6 +381,10 @@ class MlpMixer(nn.Module):
         x, _ = scan(block(**kwargs, name="MixerBlock"), x, rates)
         return x
 
+
+# How the dense layers' matmuls are laid out: XLA's choice, `matmul.dense_matmul`'s plain layout, or
+# plain exactly for bfloat16 on CPU (`MlpMixer.plain_matmuls`).
+MATMULS = ("auto", "xla", "plain")
 
 # Which activations a rematerialised block keeps for the backward pass; the rest is recomputed.
 REMAT_POLICIES = {
@@ -360,7 +419,8 @@ def create(variant: str, *, num_classes: int, image_size: int = 224, **overrides
 
     `overrides` use the official field names (`hidden_dim`, `num_blocks`, `tokens_mlp_dim`,
     `channels_mlp_dim`, `patch_size`) plus `dtype`, `param_dtype`, `gelu_approximate`,
-    `dropout_rate`, `stoch_depth`, `scan_blocks` and `remat` (a key of REMAT_POLICIES).
+    `dropout_rate`, `stoch_depth`, `scan_blocks`, `remat` (a key of REMAT_POLICIES), `matmul_dtype`
+    (the dense layers' matmul operands; default `dtype`) and `matmuls` (one of MATMULS).
     """
     unknown = sorted(set(overrides) - _FIELDS)
     if unknown:

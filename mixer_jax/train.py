@@ -49,6 +49,8 @@ def create_model(config: ml_collections.ConfigDict) -> models.MlpMixer:
         stoch_depth=m.stoch_depth,
         scan_blocks=m.scan_blocks,
         remat=m.remat,
+        matmul_dtype=jnp.dtype(m.matmul_dtype) if m.matmul_dtype else None,
+        matmuls=m.matmuls,
         **weights.finetune_overrides(m.variant, m.image_size, m.pretrain_image_size),
     )
 

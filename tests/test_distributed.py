@@ -219,3 +219,14 @@ def test_bfloat16_compute_trains(eight_device_run, data_dir, tmp_path):
     state = checkpointing.load_state_numpy(os.path.join(tmp_path, "checkpoints"))[1]
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(state["params"]))
     assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(state["opt_state"][1][1][0]["trace"]))
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2)])
+def test_bfloat16_matmuls_train_on_any_layout(mesh, eight_device_run, data_dir, tmp_path):
+    """float32 activations with bfloat16 matmuls (on CPU, `matmul.dense_matmul`'s plain layouts),
+    sharded by data, FSDP and tensor axes: the first steps track float32."""
+    layout = {"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]}
+    c = small_config(data_dir, total_steps=5, schedule="constant", **{"model.matmul_dtype": "bfloat16"}, **layout)
+    assert train.create_model(c).plain_matmuls == (jax.default_backend() == "cpu")
+    train.train_and_evaluate(c, str(tmp_path))
+    np.testing.assert_allclose(losses(tmp_path), losses(eight_device_run)[:5], rtol=2e-2)
