@@ -61,10 +61,16 @@ def dense_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array, leading: bool
     return _forward(x, kernel, bias, leading, dtype)[0]
 
 
-def _forward(x, kernel, bias, leading, dtype):
+def _affine(x, kernel, bias, leading, dtype, transpose):
+    """(y, x in `dtype`): the forward map shared by both paths; `transpose` lays out k^T."""
     xc, kc, b = x.astype(dtype), kernel.astype(dtype), bias.astype(jnp.float32)
-    y = _dot(fresh_transpose(kc), xc) + b[:, None] if leading else _dot(xc, kc) + b
-    return y.astype(x.dtype), (xc, kernel, bias)
+    y = _dot(transpose(kc), xc) + b[:, None] if leading else _dot(xc, kc) + b
+    return y.astype(x.dtype), xc
+
+
+def _forward(x, kernel, bias, leading, dtype):
+    y, xc = _affine(x, kernel, bias, leading, dtype, fresh_transpose)
+    return y, (xc, kernel, bias)
 
 
 def _backward(leading, dtype, residuals, g):
@@ -86,8 +92,5 @@ dense_matmul.defvjp(_forward, _backward)
 
 
 def xla_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array, leading: bool, dtype: Dtype) -> jax.Array:
-    """`dense_matmul`'s contract with the layouts left to XLA."""
-    xc, kc, b = x.astype(dtype), kernel.astype(dtype), bias.astype(jnp.float32)
-    if leading:
-        return (jnp.einsum("kn,km->nm", kc, xc, preferred_element_type=jnp.float32) + b[:, None]).astype(x.dtype)
-    return (_dot(xc, kc) + b).astype(x.dtype)
+    """`dense_matmul`'s contract with the layouts left to XLA (it folds the transpose into the dot)."""
+    return _affine(x, kernel, bias, leading, dtype, jnp.transpose)[0]
