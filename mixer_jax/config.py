@@ -239,7 +239,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
         ("best_metric", BEST_METRICS),
     ):
         value = functools.reduce(lambda c, k: c[k], key.split("."), config)
-        _require(value in allowed, f"config key '{key}' is {value!r}; allowed: {', '.join(allowed)}.")
+        shown = ", ".join(a or "'' (the default)" for a in allowed)  # An empty string is a value too.
+        _require(value in allowed, f"config key '{key}' is {value!r}; allowed: {shown}.")
     for key in ("log_every", "eval_every", "checkpoint_every"):
         _require(
             config[key] >= 0 and (key != "log_every" or config[key] > 0),
