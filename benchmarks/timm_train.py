@@ -1,4 +1,5 @@
-"""Train-step throughput of timm's eager PyTorch MLP-Mixer on this machine's CPU, for comparison.
+"""Train-step throughput of timm's eager PyTorch MLP-Mixer on this machine's CPU (or a CUDA GPU with
+`--device=cuda`), for comparison.
 
 Runs in its own environment (torch and timm are not dependencies of mixer_jax):
 
@@ -29,28 +30,32 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--autocast", choices=["none", "bfloat16"], default="none")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = timm.create_model(args.model, num_classes=1000).train()
+    model = timm.create_model(args.model, num_classes=1000).train().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    images = torch.randn(args.batch, 3, 224, 224)
-    labels = torch.randint(0, 1000, (args.batch,))
+    images = torch.randn(args.batch, 3, 224, 224, device=device)
+    labels = torch.randint(0, 1000, (args.batch,), device=device)
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bfloat16"):
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.autocast == "bfloat16"):
             loss = torch.nn.functional.cross_entropy(model(images), labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        return loss.item()
+        return loss.detach()
 
-    step()  # Warm-up: allocations, oneDNN kernel selection.
+    for _ in range(2):  # Warm-up: allocations, kernel selection.
+        step().item()
     start = time.perf_counter()
     for _ in range(args.steps):
-        step()
+        loss = step()
+    loss.item()  # Waits for the device.
     seconds = (time.perf_counter() - start) / args.steps
     print(
         json.dumps(
@@ -59,6 +64,7 @@ def main() -> None:
                 "model": args.model,
                 "batch": args.batch,
                 "autocast": args.autocast,
+                "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                 "threads": args.threads,
                 "step_s": seconds,
                 "images_per_s": args.batch / seconds,

@@ -17,6 +17,7 @@ loops over the same files, timed in the same process before and after it (`pil_b
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +41,12 @@ _MATMULS = flags.DEFINE_enum("matmuls", "auto", ["auto", "xla", "plain"], "Matmu
 _ACCUM = flags.DEFINE_integer("accum_steps", 1, "Gradient accumulation microbatches.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classifier width.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir",
+    "",
+    "train/infer: after timing, trace 3 steps with jax.profiler into this folder and write there the "
+    "compiled step's HLO (step.hlo.txt) and the device's XLA ops by time (ops.tsv; GPU and TPU).",
+)
 _DATASET = flags.DEFINE_string("dataset", "", "data: TFDS name to read (its train split).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "data: TFDS data_dir.")
 _PP = flags.DEFINE_string(
@@ -82,8 +89,8 @@ def matmul_flops(dtype: str, size: int | None = None, repeats: int = 5) -> float
     size = size or (2048 if jax.default_backend() == "cpu" else 8192)
     mesh = jax.sharding.Mesh(jax.devices(), ("d",))
     shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
-    a = jax.device_put(jnp.ones((n, size, size), dtype), shard)
-    b = jax.device_put(jnp.ones((n, size, size), dtype), shard)
+    # Random operands: constant ones draw less power, and some chips then clock higher.
+    a, b = (jax.device_put(jax.random.normal(jax.random.key(i), (n, size, size), dtype), shard) for i in (0, 1))
     f = jax.jit(lambda a, b: jnp.einsum("nij,njk->nik", a, b, preferred_element_type=jnp.float32))
     f(a, b).block_until_ready()
     best = float("inf")
@@ -185,6 +192,7 @@ def run(mode: str) -> dict[str, Any]:
         seconds = (time.perf_counter() - t) / _STEPS.value
         images_per_s = c.batch_size / seconds
         tflops = images_per_s * flops_per_image / 1e12
+    profiled = profile(_PROFILE_DIR.value, compiled, once, args) if _PROFILE_DIR.value else {}
     operands = _MATMUL_DTYPE.value or _DTYPE.value  # The roofline is the matmuls' own dtype.
     matmul = matmul_flops(operands) / 1e12
     device = jax.devices()[0]
@@ -210,7 +218,71 @@ def run(mode: str) -> dict[str, Any]:
         "mfu_vs_spec": tflops / (peak / 1e12 * jax.device_count()) if peak and tflops else None,
         "compile_s": compile_s,
         "peak_memory_bytes": peak_memory_bytes(compiled),
+        "memory_limit_bytes": (device.memory_stats() or {}).get("bytes_limit"),
+        **profiled,
     }
+
+
+def profile(directory: str, compiled: Any, once: Callable, args: Any, steps: int = 3) -> dict[str, Any]:
+    """Traces `steps` steps into `directory` (TensorBoard's profile plugin or Perfetto read it), writes
+    the compiled HLO beside it and the device's ops by time to ops.tsv. Returns the device time per
+    step, the part of it in matmul kernels, and the top ops: [name, ms per step, share, category]."""
+    import glob
+    import os
+
+    import jax
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "step.hlo.txt"), "w") as f:
+        f.write(compiled.as_text())
+    with jax.profiler.trace(directory):
+        for _ in range(steps):
+            args, out = once(args)
+        jax.block_until_ready(out)
+    newest = max(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    ops = device_ops(jax.profiler.ProfileData.from_file(newest))
+    total = sum(op["ns"] for op in ops.values())
+    rows = sorted(ops.items(), key=lambda kv: -kv[1]["ns"])
+    with open(os.path.join(directory, "ops.tsv"), "w") as f:
+        f.write("ms_per_step\tshare\tcount_per_step\tname\tcategory\tlong_name\n")
+        for name, op in rows:
+            long_name = op["long_name"].replace("\t", " ").replace("\n", " ")[:400]
+            f.write(f"{op['ns'] / steps / 1e6:.4f}\t{op['ns'] / total:.4f}\t{op['count'] / steps:g}\t{name}\t")
+            f.write(f"{op['category']}\t{long_name}\n")
+    matmul_ns = sum(op["ns"] for op in ops.values() if op["category"] in MATMUL_CATEGORIES)
+    return {
+        "device_ms_per_step": total / steps / 1e6 if total else None,
+        "matmul_ms_per_step": matmul_ns / steps / 1e6 if total else None,
+        "top_ops": [[name[:80], op["ns"] / steps / 1e6, op["ns"] / total, op["category"]] for name, op in rows[:15]],
+    }
+
+
+# Kernel names of matrix products on GPU (cuBLAS, CUTLASS, XLA's Triton GEMM fusions) and XLA's
+# category for them on TPU.
+_MATMUL_KERNEL = re.compile(r"gemm|nvjet|cublas|cutlass|xmma|convolution|splitK", re.IGNORECASE)
+MATMUL_CATEGORIES = ("matmul", "convolution")
+
+
+def device_ops(data: Any) -> dict[str, dict[str, Any]]:
+    """Time per op on the accelerators: their "XLA Ops" timelines where the trace has them, else the
+    kernels on their streams (GPU). Empty on CPU, which has neither."""
+    ops: dict[str, dict[str, Any]] = {}
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        lines = [line for line in plane.lines if line.name == "XLA Ops"]
+        lines = lines or [line for line in plane.lines if line.name.startswith("Stream")]
+        for line in lines:
+            for event in line.events:
+                op = ops.setdefault(event.name, {"ns": 0, "count": 0, "category": "", "long_name": ""})
+                op["ns"] += event.duration_ns
+                op["count"] += 1
+                if op["count"] == 1:
+                    stats = dict(event.stats)
+                    op["long_name"] = str(stats.get("long_name", ""))
+                    category = str(stats.get("hlo_category", ""))
+                    op["category"] = category or ("matmul" if _MATMUL_KERNEL.search(event.name) else "other")
+    return ops
 
 
 def run_data() -> dict[str, Any]:
@@ -316,6 +388,10 @@ def main(argv: list[str]) -> None:
         print(json.dumps(result))
         return
     for key, value in result.items():
+        if key == "top_ops":
+            for name, ms, share, category in value:
+                print(f"{name:>26}: {ms:8.3f} ms/step {share:6.1%}  {category}")
+            continue
         print(f"{key:>26}: {value:.4g}" if isinstance(value, float) else f"{key:>26}: {value}")
 
 

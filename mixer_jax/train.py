@@ -21,7 +21,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 from jax.sharding import Mesh
 
 from mixer_jax import checkpointing, fewshot, models, optim, sharding, weights
@@ -217,6 +216,8 @@ def _evaluator(config: ml_collections.ConfigDict, model: models.MlpMixer, mesh: 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
+    from clu import metric_writers  # Imports TensorFlow: only the training loop needs it, not `bench`.
+
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh)
     logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), mesh.size, jax.process_count())

@@ -34,9 +34,55 @@ def test_bench_train(extra):
     assert r["device"] and r["mfu_vs_matmul"] == pytest.approx(r["tflops"] / r["matmul_tflops"])
 
 
-def test_bench_infer():
-    r = bench("infer", *TINY)
+def test_bench_infer(tmp_path):
+    r = bench("infer", *TINY, f"--profile_dir={tmp_path}")
     assert positive(r["images_per_s"]) and positive(r["tflops"]) and positive(r["compile_s"]), r
+    assert "ENTRY" in (tmp_path / "step.hlo.txt").read_text()
+    assert (tmp_path / "ops.tsv").read_text().startswith("ms_per_step\tshare")
+    assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
+
+
+def _event(metadata_id, start_ms, ms):
+    return f"events {{ metadata_id: {metadata_id} offset_ps: {int(start_ms * 1e9)} duration_ps: {int(ms * 1e9)} }}"
+
+
+def test_device_ops_from_a_trace():
+    """The op summary of `--profile_dir`, on traces written by hand: GPU kernels on a stream (matmul
+    kernels recognised by name), and a TPU-style "XLA Ops" line whose own categories win."""
+    from jax.profiler import ProfileData
+
+    from mixer_jax import bench as bench_lib
+
+    gpu = f"""planes {{
+      name: "/device:GPU:0"
+      lines {{ name: "Stream #14(Compute,Memset)" {_event(1, 0, 3)} {_event(2, 3, 1)} {_event(1, 5, 3)} }}
+      event_metadata {{ key: 1 value {{ id: 1 name: "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_TNT" }} }}
+      event_metadata {{ key: 2 value {{ id: 2 name: "loop_convert_fusion_3" }} }}
+    }}
+    planes {{ name: "/host:CPU" lines {{ name: "main" {_event(1, 0, 50)} }} }}"""
+    ops = bench_lib.device_ops(ProfileData.from_text_proto(gpu))
+    assert {name: (op["ns"], op["count"], op["category"]) for name, op in ops.items()} == {
+        "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_TNT": (6e6, 2, "matmul"),
+        "loop_convert_fusion_3": (1e6, 1, "other"),
+    }
+    tpu = f"""planes {{
+      name: "/device:TPU:0"
+      lines {{ name: "XLA Modules" {_event(3, 0, 9)} }}
+      lines {{
+        name: "XLA Ops"
+        events {{ metadata_id: 1 duration_ps: 2000000000 stats {{ metadata_id: 9 str_value: "convolution" }} }}
+        {_event(2, 2, 1)}
+      }}
+      event_metadata {{ key: 1 value {{ id: 1 name: "fusion.7" }} }}
+      event_metadata {{ key: 2 value {{ id: 2 name: "copy.1" }} }}
+      event_metadata {{ key: 3 value {{ id: 3 name: "jit_train_step" }} }}
+      stat_metadata {{ key: 9 value {{ id: 9 name: "hlo_category" }} }}
+    }}"""
+    ops = bench_lib.device_ops(ProfileData.from_text_proto(tpu))
+    assert {name: (op["ns"], op["category"]) for name, op in ops.items()} == {
+        "fusion.7": (2e6, "convolution"),
+        "copy.1": (1e6, "other"),
+    }
 
 
 def test_bench_data():
