@@ -15,7 +15,7 @@
 # optimizer the other 26.
 # MIXER_PYTHON: the Python that runs mixer_jax; TIMM_PYTHON: one with torch and timm (skipped if absent).
 set -uo pipefail
-out=${1:-runs/gpu}
+out=$(realpath -m "${1:-runs/gpu}")  # Relative to the caller's directory.
 py=${MIXER_PYTHON:-python}
 timm_py=${TIMM_PYTHON:-}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
@@ -24,12 +24,13 @@ big=${BIG:-H/14}
 batch=${BATCH:-256}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
+rm -f "$out"/*.json  # The table lists this run only.
 
 bench() {  # NAME [bench train flags...]: one run, its JSON kept in OUTDIR/NAME.json.
   local name=$1
   shift
   timeout 200 "$py" -m mixer_jax.bench train --json "$@" 2>"$out/$name.log" | tail -1 >"$out/$name.json"
-  [[ -s "$out/$name.json" ]] && return
+  [[ ${PIPESTATUS[0]} -eq 0 && -s "$out/$name.json" ]] && return
   echo "$name failed:" >&2
   grep -m1 -E "RESOURCE_EXHAUSTED|Error" "$out/$name.log" | cut -c1-300 >&2
   rm -f "$out/$name.json"
@@ -48,7 +49,8 @@ bench compile_scan_big --variant="$big" --dtype=bfloat16 --batch="$batch" --scan
 if [[ -n "$timm_py" ]]; then
   timm_model="mixer_$(echo "$variant" | tr 'A-Z' 'a-z' | tr -d '/')_224"
   timeout 300 "$timm_py" benchmarks/timm_train.py --model="$timm_model" --batch="$batch" --steps=10 \
-    --device=cuda --autocast=bfloat16 >"$out/timm_bs$batch.json" 2>"$out/timm.log" || tail -3 "$out/timm.log" >&2
+    --device=cuda --autocast=bfloat16 >"$out/timm_bs$batch.json" 2>"$out/timm.log" ||
+    { tail -3 "$out/timm.log" >&2; rm -f "$out/timm_bs$batch.json"; }
 fi
 bench "bs${batch}_mixed" --variant="$variant" --matmul_dtype=bfloat16 --batch="$batch" --steps=10
 
@@ -57,6 +59,7 @@ import glob, json, os, sys
 def cell(value, spec):
     return format(value, spec) if value is not None else "-".rjust(int(spec.split(".")[0]))
 
+last = None
 print(f"{'run':<22}{'img/s':>8}{'TFLOP/s':>9}{'vs matmul':>10}{'vs spec':>9}{'compile s':>10}{'peak GiB':>9}")
 for path in sorted(glob.glob(f"{sys.argv[1]}/*.json"), key=os.path.getmtime):
     r = json.load(open(path))
@@ -71,6 +74,8 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/*.json"), key=os.path.getmtime):
           f"{cell(r['mfu_vs_spec'], '9.3f')}{r['compile_s']:10.1f}{r['peak_memory_bytes'] / 2**30:9.1f}")
 if "profiled" in globals():
     print("%s: matmul kernels %.1f of %.1f ms of device time per step (step %.1f ms)" % profiled)
+if last is None:
+    sys.exit("no run succeeded: see the .log files")
 print(f"{last['variant']}, {last['device']}: large matmul {last['matmul_tflops']:.0f} TFLOP/s, "
       f"spec {last['spec_peak_tflops']} TFLOP/s")
 PY

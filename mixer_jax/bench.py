@@ -192,7 +192,7 @@ def run(mode: str) -> dict[str, Any]:
         seconds = (time.perf_counter() - t) / _STEPS.value
         images_per_s = c.batch_size / seconds
         tflops = images_per_s * flops_per_image / 1e12
-    profiled = profile(_PROFILE_DIR.value, compiled, once, args) if _PROFILE_DIR.value else {}
+    profiled = profile(_PROFILE_DIR.value, compiled, once, args) if _PROFILE_DIR.value and _STEPS.value else {}
     operands = _MATMUL_DTYPE.value or _DTYPE.value  # The roofline is the matmuls' own dtype.
     matmul = matmul_flops(operands) / 1e12
     device = jax.devices()[0]
@@ -225,8 +225,9 @@ def run(mode: str) -> dict[str, Any]:
 
 def profile(directory: str, compiled: Any, once: Callable, args: Any, steps: int = 3) -> dict[str, Any]:
     """Traces `steps` steps into `directory` (TensorBoard's profile plugin or Perfetto read it), writes
-    the compiled HLO beside it and the device's ops by time to ops.tsv. Returns the device time per
-    step, the part of it in matmul kernels, and the top ops: [name, ms per step, share, category]."""
+    the compiled HLO beside it and the device's ops by time to ops.tsv. Returns the time per step of
+    one device, the part of it in matmul kernels, and the top ops: [name, ms per step, share,
+    category]. Times are per device (summed over all, divided by their number)."""
     import glob
     import os
 
@@ -239,9 +240,12 @@ def profile(directory: str, compiled: Any, once: Callable, args: Any, steps: int
         for _ in range(steps):
             args, out = once(args)
         jax.block_until_ready(out)
-    newest = max(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
-    ops = device_ops(jax.profiler.ProfileData.from_file(newest))
-    total = sum(op["ns"] for op in ops.values())
+    traces = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)
+    if not traces:  # The profiler wrote nothing (it can be unavailable on some platforms).
+        return {}
+    ops = device_ops(jax.profiler.ProfileData.from_file(max(traces, key=os.path.getmtime)))
+    steps *= jax.local_device_count()  # Each device ran every step.
+    total = sum(op["ns"] for op in ops.values()) or 1
     rows = sorted(ops.items(), key=lambda kv: -kv[1]["ns"])
     with open(os.path.join(directory, "ops.tsv"), "w") as f:
         f.write("ms_per_step\tshare\tcount_per_step\tname\tcategory\tlong_name\n")
@@ -251,8 +255,8 @@ def profile(directory: str, compiled: Any, once: Callable, args: Any, steps: int
             f.write(f"{op['category']}\t{long_name}\n")
     matmul_ns = sum(op["ns"] for op in ops.values() if op["category"] in MATMUL_CATEGORIES)
     return {
-        "device_ms_per_step": total / steps / 1e6 if total else None,
-        "matmul_ms_per_step": matmul_ns / steps / 1e6 if total else None,
+        "device_ms_per_step": total / steps / 1e6 if ops else None,
+        "matmul_ms_per_step": matmul_ns / steps / 1e6 if ops else None,
         "top_ops": [[name[:80], op["ns"] / steps / 1e6, op["ns"] / total, op["category"]] for name, op in rows[:15]],
     }
 

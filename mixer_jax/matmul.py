@@ -103,7 +103,10 @@ def dense_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array, leading: bool
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def xla_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array, leading: bool, dtype: Dtype) -> jax.Array:
     """`dense_matmul`'s contract with the layouts left to XLA, which folds each transpose into its dot
-    (free on GPU and TPU). The forward and input-gradient dots write x's dtype directly."""
+    (free on GPU and TPU). The forward and input-gradient dots write x's dtype directly: with
+    bfloat16 activations the product is rounded to bfloat16 before the float32 bias is added (one
+    rounding more than `dense_matmul`, as in `nn.Dense`), and the bias gradient sums the cotangent
+    itself rather than its copy in `dtype`."""
     return _affine(x, kernel, bias, leading, dtype, False)[0]
 
 
