@@ -59,7 +59,7 @@ import glob, json, os, sys
 def cell(value, spec):
     return format(value, spec) if value is not None else "-".rjust(int(spec.split(".")[0]))
 
-last = None
+last = profiled = None
 print(f"{'run':<22}{'img/s':>8}{'TFLOP/s':>9}{'vs matmul':>10}{'vs spec':>9}{'compile s':>10}{'peak GiB':>9}")
 for path in sorted(glob.glob(f"{sys.argv[1]}/*.json"), key=os.path.getmtime):
     r = json.load(open(path))
@@ -72,7 +72,7 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/*.json"), key=os.path.getmtime):
         profiled = (name, r["device_ms_per_step"], r["matmul_ms_per_step"], r["step_s"] * 1e3)
     print(f"{name:<22}{cell(r['images_per_s'], '8.0f')}{cell(r['tflops'], '9.1f')}{cell(r['mfu_vs_matmul'], '10.3f')}"
           f"{cell(r['mfu_vs_spec'], '9.3f')}{r['compile_s']:10.1f}{r['peak_memory_bytes'] / 2**30:9.1f}")
-if "profiled" in globals():
+if profiled:
     print("%s: matmul kernels %.1f of %.1f ms of device time per step (step %.1f ms)" % profiled)
 if last is None:
     sys.exit("no run succeeded: see the .log files")

@@ -54,6 +54,11 @@ def _ones(rows: int, cols: int, dtype: Dtype) -> jax.Array:
     return jnp.ones((rows, cols), dtype)
 
 
+def _layout(plain: bool, activations: Dtype) -> tuple[Any, Dtype]:
+    """(how to lay out a transposed operand, the dtype that the forward and dx dots write)."""
+    return (fresh_transpose, jnp.float32) if plain else (jnp.transpose, activations)
+
+
 def _affine(x, kernel, bias, leading, dtype, plain):
     """The forward map of both paths: (y, x in `dtype`).
 
@@ -61,8 +66,7 @@ def _affine(x, kernel, bias, leading, dtype, plain):
     layouts: the dot writes x's dtype directly, so a bfloat16 product is never stored in float32.
     """
     xc, kc, b = x.astype(dtype), kernel.astype(dtype), bias.astype(jnp.float32)
-    out = jnp.float32 if plain else x.dtype
-    transpose = fresh_transpose if plain else jnp.transpose
+    transpose, out = _layout(plain, x.dtype)
     y = _dot(transpose(kc), xc, out) + b[:, None] if leading else _dot(xc, kc, out) + b
     return y.astype(x.dtype), xc
 
@@ -77,8 +81,7 @@ def _backward(plain, leading, dtype, residuals, g):
     both operands in `dtype` (autodiff of a float32-result dot would multiply by a float32 cotangent)."""
     xc, kernel, bias = residuals
     kc, gc = kernel.astype(dtype), g.astype(dtype)
-    out = jnp.float32 if plain else g.dtype
-    transpose = fresh_transpose if plain else jnp.transpose
+    transpose, out = _layout(plain, g.dtype)
     if leading:  # y = k^T x + b: dx = k g, dk = x g^T, db = g 1.
         dx, dk = _dot(kc, gc, out), _dot(xc, transpose(gc))
         db = _dot(gc, _ones(gc.shape[1], 2, dtype))[:, 0] if plain else jnp.sum(g, 1, dtype=jnp.float32)
