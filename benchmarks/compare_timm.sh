@@ -8,6 +8,9 @@
 # mixer_jax's model.matmul_dtype=bfloat16 against torch.autocast(bfloat16). ACCUM > 1 splits each batch into microbatches whose gradients are summed before the one AdamW
 # update (the same optimizer step on the same batch; the smaller working set suits CPU caches).
 #
+# mixer_jax runs with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (README, Benchmarks) unless GLIBC_TUNABLES
+# is set; timm runs with the caller's environment (huge pages slowed it: 7.3 against 10.3 images/s).
+#
 # TIMM_PYTHON: a Python with torch and timm (default: a venv made once under /tmp/timm_venv).
 # MIXER_PYTHON: the Python that runs mixer_jax (default: python).
 set -euo pipefail
@@ -31,7 +34,7 @@ fi
 cd "$(dirname "$0")/.."
 for round in $(seq "$rounds"); do
   "$timm_python" benchmarks/timm_train.py --model="$timm_model" --batch="$batch" --steps=5 "${timm_flags[@]}"
-  "$mixer_python" -m mixer_jax.bench train --variant="$variant" --batch="$batch" --accum_steps="$accum" \
+  GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1} "$mixer_python" -m mixer_jax.bench train --variant="$variant" --batch="$batch" --accum_steps="$accum" \
     --scan=false --steps=5 "${mixer_flags[@]}" --json 2>/dev/null
 done | "$mixer_python" -c '
 import json, statistics, sys

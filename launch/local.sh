@@ -71,9 +71,12 @@ if [[ -z $port ]]; then
   fi
 fi
 
-# The command of process $1, in the array `cmd`.
+# The command of process $1, in the array `cmd`. Transparent huge pages for glibc's large blocks:
+# XLA:CPU maps each step's temporary buffer afresh, and 4 KiB pages make that 680,000 page faults
+# per S/16 step (README, Benchmarks). A GLIBC_TUNABLES of the caller's own wins.
 command_of() {
   cmd=(env JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$devices"
+    "GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}"
     "$python" -m mixer_jax.main "${main_args[@]}"
     "--coordinator_address=127.0.0.1:$port" "--num_processes=$num_processes" "--process_id=$1")
 }

@@ -5,7 +5,8 @@ It times the jitted, sharded train step of `mixer_jax.train` (or the forward pas
 random batches, and reports images/s, achieved TFLOP/s from the analytic FLOPs (training = 3x
 forward), the same process's large-matmul TFLOP/s at the matmul operand dtype (the practical roofline), the
 ratio of the two (MFU vs matmul), the spec peak and MFU against it where the device is known,
-compile time and peak memory.
+compile time, peak memory and the host's page faults per step (on CPU, XLA maps the step's temporary
+buffer afresh every step; see README, Benchmarks).
 
 `data` times the training input pipeline (`pipeline.make_train`, grain threads included) and reports
 images/s, images/s per core (over min(workers, cores)) and images per CPU-second of the process
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -38,6 +40,9 @@ _MATMUL_DTYPE = flags.DEFINE_enum(
     "matmul_dtype", "", ["", "float32", "bfloat16"], "Matmul operand dtype, as config model.matmul_dtype ('': --dtype)."
 )
 _MATMULS = flags.DEFINE_enum("matmuls", "auto", ["auto", "xla", "plain"], "Matmul layouts, as config model.matmuls.")
+_GELU_BACKWARD = flags.DEFINE_enum(
+    "gelu_backward", "auto", ["auto", "saved", "recompute"], "GELU backward pass, as config model.gelu_backward."
+)
 _ACCUM = flags.DEFINE_integer("accum_steps", 1, "Gradient accumulation microbatches.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classifier width.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -127,6 +132,7 @@ def bench_config():
         remat=_REMAT.value,
         matmul_dtype=_MATMUL_DTYPE.value,
         matmuls=_MATMULS.value,
+        gelu_backward=_GELU_BACKWARD.value,
     )
     c.input.pp_train = "value_range(-1,1)"
     c.batch_size, c.accum_steps = _BATCH.value, _ACCUM.value
@@ -181,15 +187,16 @@ def run(mode: str) -> dict[str, Any]:
         out = compiled(*args)
         return (out[0], batch) if mode == "train" else args, out
 
-    seconds = images_per_s = tflops = None
+    seconds = images_per_s = tflops = page_faults = None
     if _STEPS.value:  # --steps=0: compile only.
         args, out = once(args)  # Warm-up.
         jax.block_until_ready(out)
-        t = time.perf_counter()
+        faults, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         for _ in range(_STEPS.value):
             args, out = once(args)
         jax.block_until_ready(out)
         seconds = (time.perf_counter() - t) / _STEPS.value
+        page_faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / _STEPS.value
         images_per_s = c.batch_size / seconds
         tflops = images_per_s * flops_per_image / 1e12
     profiled = profile(_PROFILE_DIR.value, compiled, once, args) if _PROFILE_DIR.value and _STEPS.value else {}
@@ -205,6 +212,7 @@ def run(mode: str) -> dict[str, Any]:
         "dtype": _DTYPE.value,
         "matmul_dtype": operands,
         "matmuls": "plain" if model.plain_matmuls else "xla",
+        "gelu_backward": "recompute" if model.recompute_gelu else "saved",
         "mesh": dict(mesh.shape),
         "scan": _SCAN.value,
         "remat": _REMAT.value,
@@ -218,6 +226,7 @@ def run(mode: str) -> dict[str, Any]:
         "mfu_vs_spec": tflops / (peak / 1e12 * jax.device_count()) if peak and tflops else None,
         "compile_s": compile_s,
         "peak_memory_bytes": peak_memory_bytes(compiled),
+        "host_page_faults_per_step": page_faults,
         "memory_limit_bytes": (device.memory_stats() or {}).get("bytes_limit"),
         **profiled,
     }

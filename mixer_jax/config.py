@@ -66,6 +66,9 @@ def defaults() -> ml_collections.ConfigDict:
             # auto, xla, plain: the dense layers' matmul layouts (models.MlpMixer.plain_matmuls); auto
             # picks plain for bfloat16 operands on CPU.
             matmuls="auto",
+            # auto, saved, recompute: the GELUs' backward pass keeps autodiff's intermediates or only
+            # the GELU's input (models.MlpMixer.recompute_gelu); auto recomputes on CPU.
+            gelu_backward="auto",
             # Fine-tuning at image_size = K x this (init.path's resolution): token MLPs widened to
             # K²·D_S and initialised block-diagonally (paper Appendix C). 0: same resolution.
             pretrain_image_size=0,
@@ -235,6 +238,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
         ("model.remat", tuple(models.REMAT_POLICIES)),
         ("model.matmul_dtype", ("", *DTYPES)),
         ("model.matmuls", models.MATMULS),
+        ("model.gelu_backward", models.GELU_BACKWARDS),
         ("mode", MODES),
         ("best_metric", BEST_METRICS),
     ):

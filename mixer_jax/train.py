@@ -50,6 +50,7 @@ def create_model(config: ml_collections.ConfigDict) -> models.MlpMixer:
         remat=m.remat,
         matmul_dtype=jnp.dtype(m.matmul_dtype) if m.matmul_dtype else None,
         matmuls=m.matmuls,
+        gelu_backward=m.gelu_backward,
         **weights.finetune_overrides(m.variant, m.image_size, m.pretrain_image_size),
     )
 

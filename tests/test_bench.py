@@ -32,6 +32,7 @@ def test_bench_train(extra):
     for key in ("images_per_s", "tflops", "matmul_tflops", "mfu_vs_matmul", "compile_s", "peak_memory_bytes"):
         assert positive(r[key]), (key, r)
     assert r["device"] and r["mfu_vs_matmul"] == pytest.approx(r["tflops"] / r["matmul_tflops"])
+    assert r["host_page_faults_per_step"] >= 0 and r["gelu_backward"] in ("saved", "recompute")
 
 
 def test_bench_infer(tmp_path):

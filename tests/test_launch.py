@@ -18,7 +18,8 @@ TPU = ["--name=mixer", "--zone=europe-west4-a"]
 
 def _env(**extra):
     """The environment without SLURM's variables (a test run inside a SLURM job sees the defaults)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_", "JAX_LOCAL_DEVICE_IDS"))}
+    drop = ("SLURM_", "SRUN_", "JAX_LOCAL_DEVICE_IDS", "GLIBC_TUNABLES")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env["TMPDIR"] = "/tmp"
     return env | extra
 
@@ -65,7 +66,8 @@ def test_local_dry_run_prints_each_process_exactly(tmp_path):
     args = ["--num_processes=2", "--devices_per_process=4", "--port=12355", "--python=python", "--dry-run"]
     main = ["--config=configs/digits.py", "--workdir=runs/digits_2proc"]
     common = (
-        "env JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m mixer_jax.main "
+        "env JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 "
+        "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m mixer_jax.main "
         "--config=configs/digits.py --workdir=runs/digits_2proc --coordinator_address=127.0.0.1:12355 --num_processes=2"
     )
     assert _lines(LOCAL, *args, "--", *main) == [f"{common} --process_id=0", f"{common} --process_id=1"]
@@ -93,6 +95,7 @@ def test_local_dry_run_quotes_for_the_shell():
             "env",
             "JAX_PLATFORMS=cpu",
             "XLA_FLAGS=--xla_force_host_platform_device_count=2",
+            "GLIBC_TUNABLES=glibc.malloc.hugetlb=1",
             "/opt/py 3/python",
             "-m",
             "mixer_jax.main",
