@@ -39,7 +39,7 @@ bench() {  # NAME [bench train flags...]: one run, its JSON kept in OUTDIR/NAME.
 
 bf16=(--variant="$variant" --dtype=bfloat16 --steps=10)
 bench "bs$batch" "${bf16[@]}" --batch="$batch" --profile_dir="$out/profile"
-# The GELU backward pass that keeps only the GELU's input (the default on CPU only, so far).
+# The GELU backward pass that keeps only the GELU's input (so far the default for float32 matmuls on CPU only).
 bench "bs${batch}_gelu_recompute" "${bf16[@]}" --batch="$batch" --gelu_backward=recompute
 # Doubling the batch until it no longer fits. XLA:GPU rematerializes to fit large batches, so peak
 # memory does not extrapolate: each size is compiled and run.

@@ -67,7 +67,8 @@ def defaults() -> ml_collections.ConfigDict:
             # picks plain for bfloat16 operands on CPU.
             matmuls="auto",
             # auto, saved, recompute: the GELUs' backward pass keeps autodiff's intermediates or only
-            # the GELU's input (models.MlpMixer.recompute_gelu); auto recomputes on CPU.
+            # the GELU's input (models.MlpMixer.recompute_gelu); auto recomputes for float32 matmuls
+            # on CPU.
             gelu_backward="auto",
             # Fine-tuning at image_size = K x this (init.path's resolution): token MLPs widened to
             # K²·D_S and initialised block-diagonally (paper Appendix C). 0: same resolution.

@@ -319,10 +319,11 @@ class MlpMixer(nn.Module):
     @property
     def recompute_gelu(self) -> bool:
         """Whether the GELUs use `gelu.gelu`, whose backward pass keeps only the GELU's input:
-        `gelu_backward="recompute"`, or `"auto"` on CPU, where float32 training measured up to 16%
-        faster (B/16). Elsewhere "auto" keeps autodiff's intermediates until it is measured there."""
+        `gelu_backward="recompute"`, or `"auto"` with float32 matmuls on CPU, where it measured up to
+        16% faster (B/16). With bfloat16 matmuls on CPU the recomputed tanh cost more than it saved
+        (S/16, `accum_steps=4`: 8% slower); GPU and TPU keep autodiff's until it is measured there."""
         if self.gelu_backward == "auto":
-            return jax.default_backend() == "cpu"
+            return jax.default_backend() == "cpu" and self.operand_dtype == jnp.float32
         return self.gelu_backward == "recompute"
 
     @property
@@ -404,7 +405,7 @@ class MlpMixer(nn.Module):
 MATMULS = ("auto", "xla", "plain")
 
 # The GELUs' backward pass: autodiff's saved intermediates, `gelu.gelu`'s recomputation from the
-# input, or recomputation exactly on CPU (`MlpMixer.recompute_gelu`).
+# input, or recomputation exactly for float32 matmuls on CPU (`MlpMixer.recompute_gelu`).
 GELU_BACKWARDS = ("auto", "saved", "recompute")
 
 # Which activations a rematerialised block keeps for the backward pass; the rest is recomputed.

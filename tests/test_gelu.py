@@ -85,7 +85,10 @@ def test_model_gradients_equal_either_way(approximate):
 
 
 def test_auto_and_config_errors():
-    assert models.create("Mu/4", num_classes=5, image_size=16).recompute_gelu == (jax.default_backend() == "cpu")
+    on_cpu = jax.default_backend() == "cpu"
+    assert models.create("Mu/4", num_classes=5, image_size=16).recompute_gelu == on_cpu
+    assert not models.create("Mu/4", num_classes=5, image_size=16, matmul_dtype=BF16).recompute_gelu
+    assert not models.create("Mu/4", num_classes=5, image_size=16, dtype=BF16).recompute_gelu
     with pytest.raises(ValueError, match="gelu_backward 'fast' is not one of"):
         models.create("Mu/4", num_classes=5, image_size=16, gelu_backward="fast")
     c = config_lib.defaults()
