@@ -1,10 +1,14 @@
-"""Test set-up: 8 fake CPU devices (before jax is imported) and one prepared digits dataset."""
+"""Test set-up: 8 fake CPU devices (before jax is imported), huge pages for subprocesses, and one
+prepared digits dataset."""
 
 import os
 import sys
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Huge pages for the runs the tests start as subprocesses, as the README advises for CPU: XLA maps
+# each step's temporary buffer afresh (README, Benchmarks).
+os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402

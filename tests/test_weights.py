@@ -273,7 +273,8 @@ def test_unreadable_files(ti_npz, tmp_path):
 
 def test_orbax_workdir_and_step(tmp_path_factory, data_dir):
     workdir = digits_run(tmp_path_factory, data_dir)
-    step_dir = os.path.join(workdir, "checkpoints", os.listdir(os.path.join(workdir, "checkpoints"))[0])
+    steps = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    step_dir = os.path.join(workdir, "checkpoints", max(steps, key=int))  # The latest: what `load(workdir)` reads.
     model = models.create("Ti/4", num_classes=10, image_size=16)
     params = weights.load(workdir, model)
     assert_trees_equal(weights.load(step_dir, model), params)
