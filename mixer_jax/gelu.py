@@ -32,7 +32,7 @@ def gelu(x: jax.Array, approximate: bool = True) -> jax.Array:
 
 
 def _forward(x: jax.Array, approximate: bool) -> tuple[jax.Array, jax.Array]:
-    return jax.nn.gelu(x, approximate=approximate), x
+    return gelu(x, approximate), x
 
 
 def derivative(x: jax.Array, approximate: bool) -> jax.Array:
