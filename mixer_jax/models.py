@@ -228,6 +228,7 @@ class MixerBlock(nn.Module):
     matmul_dtype: Dtype | None = None  # None: dtype.
     plain_matmuls: bool = False
     recompute_gelu: bool = False
+    drop_paths: bool = False  # Stochastic depth on the two residual branches (`MlpMixer.stoch_depth` > 0).
 
     @nn.compact
     def __call__(self, x: jax.Array, drop_rates: jax.Array) -> jax.Array:
@@ -244,7 +245,8 @@ class MixerBlock(nn.Module):
             plain_matmuls=self.plain_matmuls,
             recompute_gelu=self.recompute_gelu,
         )
-        stochastic = not deterministic and self.has_rng("dropout")
+        # Static: with stoch_depth 0 a traced rate of 0 would still cost a mask, a divide and a select.
+        stochastic = self.drop_paths and not deterministic and self.has_rng("dropout")
         y = _layer_norm(self.dtype, self.param_dtype)(x)
         y = MlpBlock(self.tokens_mlp_dim, ("tokens", "token_mlp"), axis=0, name="token_mixing", **mlp)(
             y, deterministic=deterministic
@@ -383,6 +385,7 @@ class MlpMixer(nn.Module):
             matmul_dtype=self.operand_dtype,
             plain_matmuls=self.plain_matmuls,
             recompute_gelu=self.recompute_gelu,
+            drop_paths=self.stoch_depth > 0,
         )
         rates = self.drop_rates()
         if not self.scan_blocks:

@@ -165,6 +165,21 @@ def test_stochastic_depth_and_dropout():
     assert len({row.tobytes() for row in out}) > 1
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_no_stochastic_depth_draws_no_masks(scan):
+    """stoch_depth=0 must cost nothing in training: no random bits, as in evaluation."""
+    x = images(2, 16)
+
+    def primitives(stoch_depth):
+        model = models.create("Mu/4", num_classes=10, image_size=16, stoch_depth=stoch_depth, scan_blocks=scan)
+        params = random_params(model, 16)
+        fn = lambda p: model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(0)})
+        return str(jax.make_jaxpr(fn)(params))
+
+    assert "random_bits" in primitives(0.1)
+    assert "random_bits" not in primitives(0.0)
+
+
 def test_drop_path_is_unbiased():
     y = jnp.ones((20000, 1, 1))
     out = models.drop_path(y, 0.3, jax.random.key(0))
