@@ -1,8 +1,9 @@
-"""Test set-up: 8 fake CPU devices (before jax is imported), huge pages for subprocesses, and one
-prepared digits dataset."""
+"""Test set-up: 8 fake CPU devices (before jax is imported), huge pages for subprocesses, one
+prepared digits dataset, and one run of the README's first command."""
 
 import os
 import sys
+from typing import NamedTuple
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -54,3 +55,22 @@ def data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tfds"))
     pipeline.get_builder("digits", path)
     return path
+
+
+class DigitsRun(NamedTuple):
+    workdir: str
+    log: str  # The run's stderr.
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory, data_dir) -> DigitsRun:
+    """The README's first command (`configs/digits.py` as shipped), run once for the whole session:
+    test_train checks its accuracy; the few-shot, tools and weights tests start from its model."""
+    from test_config import run_main
+
+    workdir = str(tmp_path_factory.mktemp("digits_run"))
+    result = run_main(
+        "--config=configs/digits.py", f"--workdir={workdir}", f"--config.input.data_dir={data_dir}", timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return DigitsRun(workdir, result.stderr)

@@ -1,7 +1,6 @@
 """Few-shot linear evaluation: the ridge solution equals scikit-learn's, and a digits model probes well.
 
-`digits_run` runs the README's first command once per test session (shared with test_train, which
-checks its accuracy, test_weights and test_tools).
+The digits model is the session's `digits_run` (conftest): the README's first command.
 """
 
 import re
@@ -12,21 +11,6 @@ import pytest
 from test_config import run_main
 
 from mixer_jax import fewshot, weights
-
-_RUN: dict[str, str] = {}
-
-
-def digits_run(tmp_path_factory, data_dir) -> str:
-    """The workdir of the README's first command (`configs/digits.py` as shipped), run once per
-    session; `_RUN["log"]` keeps its log."""
-    if "workdir" not in _RUN:
-        workdir = str(tmp_path_factory.mktemp("digits_run"))
-        result = run_main(
-            "--config=configs/digits.py", f"--workdir={workdir}", f"--config.input.data_dir={data_dir}", timeout=900
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        _RUN["workdir"], _RUN["log"] = workdir, result.stderr
-    return _RUN["workdir"]
 
 
 @pytest.mark.parametrize("n,d", [(60, 12), (15, 40)])  # Primal (N >= D) and dual (N < D) solves.
@@ -58,8 +42,8 @@ def test_probe_matches_sklearn_predictions():
     assert accuracy == pytest.approx(expected) and accuracy > 0.9
 
 
-def test_ten_shot_probe_on_a_digits_model(tmp_path_factory, data_dir):
-    workdir = digits_run(tmp_path_factory, data_dir)
+def test_ten_shot_probe_on_a_digits_model(digits_run, data_dir):
+    workdir = digits_run.workdir
     flat = weights.read(workdir)
     model = weights.model_for(flat, "Ti/4")
     params = weights.convert(flat, model)
@@ -73,8 +57,8 @@ def test_ten_shot_probe_on_a_digits_model(tmp_path_factory, data_dir):
     assert evaluator(random_params, model)["fewshot/digits_10shot"] < results["fewshot/digits_10shot"]
 
 
-def test_fewshot_command_line(tmp_path_factory, data_dir, capsys):
-    workdir = digits_run(tmp_path_factory, data_dir)
+def test_fewshot_command_line(digits_run, data_dir, capsys):
+    workdir = digits_run.workdir
     code = fewshot.main(
         [
             f"--weights={workdir}",

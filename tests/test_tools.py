@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from test_fewshot import digits_run
 
 from mixer_jax import predict, visualize
 
@@ -17,8 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, data_dir):
-    return digits_run(tmp_path_factory, data_dir)
+def workdir(digits_run):
+    return digits_run.workdir
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import re
 import jax
 import pytest
 from test_config import run_main
-from test_fewshot import _RUN, digits_run
 
 from mixer_jax import train
 from mixer_jax.config import defaults
@@ -66,9 +65,8 @@ def test_in_process_on_8_devices(data_dir, tmp_path):
 
 
 @pytest.mark.skipif(os.environ.get("MIXER_JAX_SKIP_QUICKSTART") == "1", reason="quickstart run disabled")
-def test_quickstart_reaches_98_percent(tmp_path_factory, data_dir):
+def test_quickstart_reaches_98_percent(digits_run):
     """The README's first command, as shipped: at least 98.0% of the 360 test digits. The run is
-    shared with the tests that start from a trained digits model (`test_fewshot.digits_run`)."""
-    digits_run(tmp_path_factory, data_dir)
-    accuracy = float(re.search(r"final test accuracy ([\d.]+)% on 360 examples", _RUN["log"]).group(1))
+    shared with the tests that start from a trained digits model (`digits_run`, conftest)."""
+    accuracy = float(re.search(r"final test accuracy ([\d.]+)% on 360 examples", digits_run.log).group(1))
     assert accuracy >= 98.0

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import reference
 from test_config import run_main
-from test_fewshot import digits_run
 
 from mixer_jax import models, weights
 
@@ -271,8 +270,8 @@ def test_unreadable_files(ti_npz, tmp_path):
 # Orbax checkpoints and fine-tuning through the trainer.
 
 
-def test_orbax_workdir_and_step(tmp_path_factory, data_dir):
-    workdir = digits_run(tmp_path_factory, data_dir)
+def test_orbax_workdir_and_step(digits_run):
+    workdir = digits_run.workdir
     steps = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
     step_dir = os.path.join(workdir, "checkpoints", max(steps, key=int))  # The latest: what `load(workdir)` reads.
     model = models.create("Ti/4", num_classes=10, image_size=16)
@@ -304,10 +303,10 @@ def test_finetune_digits_16_to_32_through_main(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("init_kind", ["workdir", "npz"])
-def test_trainer_starts_from_weights_exactly(tmp_path_factory, data_dir, tmp_path, init_kind):
+def test_trainer_starts_from_weights_exactly(digits_run, data_dir, tmp_path, init_kind):
     """init.path through main on an FSDP x tensor mesh (4 x 2 devices): with lr 0 the checkpoint after
     one step holds exactly `weights.load` of the pretrained run at 32 px (Appendix C), new zero head."""
-    init = digits_run(tmp_path_factory, data_dir)
+    init = digits_run.workdir
     if init_kind == "npz":
         weights.save(weights.load(init, models.create("Ti/4", num_classes=10, image_size=16)), tmp_path / "w.npz")
         init = str(tmp_path / "w.npz")
@@ -340,9 +339,9 @@ def test_missing_init_path_exits_2_before_compiling(data_dir, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_finetune_at_a_non_integer_ratio_exits_2(tmp_path_factory, data_dir, tmp_path):
+def test_finetune_at_a_non_integer_ratio_exits_2(digits_run, data_dir, tmp_path):
     """16 -> 24 with patch 4 is 4x4 -> 6x6 tokens, a side ratio of 1.5: a clear error, exit status 2."""
-    init = digits_run(tmp_path_factory, data_dir)
+    init = digits_run.workdir
     result = run_main(
         f"--config=configs/finetune.py:dataset=digits,res=24,init={init}",
         f"--workdir={tmp_path}",
