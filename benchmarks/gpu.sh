@@ -41,6 +41,9 @@ bf16=(--variant="$variant" --dtype=bfloat16 --steps=10)
 bench "bs$batch" "${bf16[@]}" --batch="$batch" --profile_dir="$out/profile"
 # The GELU backward pass that keeps only the GELU's input (so far the default for float32 matmuls on CPU only).
 bench "bs${batch}_gelu_recompute" "${bf16[@]}" --batch="$batch" --gelu_backward=recompute
+# The LayerNorm backward pass that keeps only the input and row statistics (so far the default for
+# float32 activations on CPU only).
+bench "bs${batch}_layer_norm_recompute" "${bf16[@]}" --batch="$batch" --layer_norm_backward=recompute
 # Doubling the batch until it no longer fits. XLA:GPU rematerializes to fit large batches, so peak
 # memory does not extrapolate: each size is compiled and run.
 for n in 2 4 8 16; do

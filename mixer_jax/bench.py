@@ -43,6 +43,12 @@ _MATMULS = flags.DEFINE_enum("matmuls", "auto", ["auto", "xla", "plain"], "Matmu
 _GELU_BACKWARD = flags.DEFINE_enum(
     "gelu_backward", "auto", ["auto", "saved", "recompute"], "GELU backward pass, as config model.gelu_backward."
 )
+_LAYER_NORM_BACKWARD = flags.DEFINE_enum(
+    "layer_norm_backward",
+    "auto",
+    ["auto", "saved", "recompute"],
+    "LayerNorm backward pass, as config model.layer_norm_backward.",
+)
 _ACCUM = flags.DEFINE_integer("accum_steps", 1, "Gradient accumulation microbatches.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classifier width.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -133,6 +139,7 @@ def bench_config():
         matmul_dtype=_MATMUL_DTYPE.value,
         matmuls=_MATMULS.value,
         gelu_backward=_GELU_BACKWARD.value,
+        layer_norm_backward=_LAYER_NORM_BACKWARD.value,
     )
     c.input.pp_train = "value_range(-1,1)"
     c.batch_size, c.accum_steps = _BATCH.value, _ACCUM.value
@@ -213,6 +220,7 @@ def run(mode: str) -> dict[str, Any]:
         "matmul_dtype": operands,
         "matmuls": "plain" if model.plain_matmuls else "xla",
         "gelu_backward": "recompute" if model.recompute_gelu else "saved",
+        "layer_norm_backward": "recompute" if model.recompute_layer_norm else "saved",
         "mesh": dict(mesh.shape),
         "scan": _SCAN.value,
         "remat": _REMAT.value,

@@ -70,6 +70,10 @@ def defaults() -> ml_collections.ConfigDict:
             # the GELU's input (models.MlpMixer.recompute_gelu); auto recomputes for float32 matmuls
             # on CPU.
             gelu_backward="auto",
+            # auto, saved, recompute: the LayerNorms' backward pass keeps autodiff's intermediates or
+            # only the input and row statistics (models.MlpMixer.recompute_layer_norm); auto
+            # recomputes for float32 activations on CPU.
+            layer_norm_backward="auto",
             # Fine-tuning at image_size = K x this (init.path's resolution): token MLPs widened to
             # K²·D_S and initialised block-diagonally (paper Appendix C). 0: same resolution.
             pretrain_image_size=0,
@@ -240,6 +244,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
         ("model.matmul_dtype", ("", *DTYPES)),
         ("model.matmuls", models.MATMULS),
         ("model.gelu_backward", models.GELU_BACKWARDS),
+        ("model.layer_norm_backward", models.LAYER_NORM_BACKWARDS),
         ("mode", MODES),
         ("best_metric", BEST_METRICS),
     ):

@@ -51,6 +51,7 @@ def create_model(config: ml_collections.ConfigDict) -> models.MlpMixer:
         matmul_dtype=jnp.dtype(m.matmul_dtype) if m.matmul_dtype else None,
         matmuls=m.matmuls,
         gelu_backward=m.gelu_backward,
+        layer_norm_backward=m.layer_norm_backward,
         **weights.finetune_overrides(m.variant, m.image_size, m.pretrain_image_size),
     )
 

@@ -33,6 +33,7 @@ def test_bench_train(extra):
         assert positive(r[key]), (key, r)
     assert r["device"] and r["mfu_vs_matmul"] == pytest.approx(r["tflops"] / r["matmul_tflops"])
     assert r["host_page_faults_per_step"] >= 0 and r["gelu_backward"] in ("saved", "recompute")
+    assert r["layer_norm_backward"] in ("saved", "recompute")
 
 
 def test_bench_infer(tmp_path):

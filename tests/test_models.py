@@ -37,8 +37,15 @@ def images(n, size, seed=0):
 
 @pytest.mark.parametrize("variant,size", [("Mu/4", 16), ("Ti/4", 16), ("Ti/8", 32), ("S/32", 64)])
 @pytest.mark.parametrize("approximate", [True, False])
-def test_matches_reference_small(variant, size, approximate):
-    model = models.create(variant, num_classes=7, image_size=size, gelu_approximate=approximate)
+@pytest.mark.parametrize("layer_norm_backward", ["saved", "recompute"])
+def test_matches_reference_small(variant, size, approximate, layer_norm_backward):
+    model = models.create(
+        variant,
+        num_classes=7,
+        image_size=size,
+        gelu_approximate=approximate,
+        layer_norm_backward=layer_norm_backward,
+    )
     params = random_params(model, size)
     x = images(3, size)
     got = jax.jit(model.apply)({"params": params}, x)
