@@ -283,23 +283,29 @@ def test_orbax_workdir_and_step(digits_run):
 
 @pytest.mark.slow
 def test_finetune_digits_16_to_32_through_main(data_dir, tmp_path):
-    """Appendix C end to end: the quickstart model (16 px, 98.89%) fine-tuned at 32 with a new zero head
-    reaches >= 98% of the test digits (99.17% measured; from a 300-step pretraining only 98.06%)."""
+    """Appendix C end to end: the quickstart model (16 px, 99.17%), fine-tuned at 32 px with a new zero
+    head for 30 steps, reaches >= 75% of the test digits, where the same 30 steps from scratch stay
+    <= 40% (measured: 83-87% from three pretrainings, 19.7% from scratch). The full 300-step recipe
+    is no test of the init on digits: from scratch it reaches 97.8%, from pretraining 97.5-98.6%."""
     init = str(tmp_path / "pretrain")
     result = run_main(
         "--config=configs/digits.py", f"--workdir={init}", f"--config.input.data_dir={data_dir}", timeout=900
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    result = run_main(
-        f"--config=configs/finetune.py:dataset=digits,res=32,init={init}",
-        f"--workdir={tmp_path / 'finetune'}",
-        f"--config.input.data_dir={data_dir}",
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"Ti/4 at 32 px: 669,066 parameters", result.stderr)  # Token MLPs widened to 4 x 64.
-    accuracy = float(re.search(r"final test accuracy ([\d.]+)% on 360 examples", result.stderr).group(1))
-    assert accuracy >= 98.0
+    accuracy = {}
+    for name, extra in (("pretrained", f",init={init}"), ("scratch", "")):
+        result = run_main(
+            f"--config=configs/finetune.py:dataset=digits,res=32,steps=30{extra}",
+            f"--workdir={tmp_path / name}",
+            f"--config.input.data_dir={data_dir}",
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        if name == "pretrained":  # Token MLPs widened to 4 x 64 (Appendix C).
+            assert re.search(r"Ti/4 at 32 px: 669,066 parameters", result.stderr)
+        found = re.search(r"final test accuracy ([\d.]+)% on 360 examples", result.stderr)
+        accuracy[name] = float(found.group(1))
+    assert accuracy["pretrained"] >= 75.0 and accuracy["scratch"] <= 40.0, accuracy
 
 
 @pytest.mark.parametrize("init_kind", ["workdir", "npz"])
