@@ -27,6 +27,15 @@ def load_config(name: str, arg: str | None = None):
     return module.get_config(arg)
 
 
+def final_accuracy(log: str) -> float:
+    """The percentage in a run's closing `final test accuracy P% on 360 examples` line (digits)."""
+    import re
+
+    found = re.search(r"final test accuracy ([\d.]+)% on 360 examples", log)
+    assert found, log[-3000:]
+    return float(found.group(1))
+
+
 def assert_train_stream_resumes(config, keys=("image", "labels")) -> None:
     """Batches 6-10 after saving the iterator state at 5 and restoring it into a rebuilt pipeline
     equal an uninterrupted stream's."""

@@ -6,6 +6,7 @@ import re
 
 import jax
 import pytest
+from conftest import final_accuracy
 from test_config import run_main
 
 from mixer_jax import train
@@ -68,5 +69,5 @@ def test_in_process_on_8_devices(data_dir, tmp_path):
 def test_quickstart_reaches_98_percent(digits_run):
     """The README's first command, as shipped: at least 98.0% of the 360 test digits. The run is
     shared with the tests that start from a trained digits model (`digits_run`, conftest)."""
-    accuracy = float(re.search(r"final test accuracy ([\d.]+)% on 360 examples", digits_run.log).group(1))
+    accuracy = final_accuracy(digits_run.log)
     assert accuracy >= 98.0

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 import reference
+from conftest import final_accuracy
 from test_config import run_main
 
 from mixer_jax import models, weights
@@ -303,8 +304,7 @@ def test_finetune_digits_16_to_32_through_main(data_dir, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         if name == "pretrained":  # Token MLPs widened to 4 x 64 (Appendix C).
             assert re.search(r"Ti/4 at 32 px: 669,066 parameters", result.stderr)
-        found = re.search(r"final test accuracy ([\d.]+)% on 360 examples", result.stderr)
-        accuracy[name] = float(found.group(1))
+        accuracy[name] = final_accuracy(result.stderr)
     assert accuracy["pretrained"] >= 75.0 and accuracy["scratch"] <= 40.0, accuracy
 
 
