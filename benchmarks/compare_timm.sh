@@ -13,6 +13,7 @@
 #
 # TIMM_PYTHON: a Python with torch and timm (default: a venv made once under /tmp/timm_venv).
 # MIXER_PYTHON: the Python that runs mixer_jax (default: python).
+# MIXER_FLAGS: more flags for mixer_jax.bench, e.g. "--steps_per_call=4" (default: none).
 set -euo pipefail
 variant=${1:-S/16}
 batch=${2:-32}
@@ -35,7 +36,7 @@ cd "$(dirname "$0")/.."
 for round in $(seq "$rounds"); do
   "$timm_python" benchmarks/timm_train.py --model="$timm_model" --batch="$batch" --steps=5 "${timm_flags[@]}"
   GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1} "$mixer_python" -m mixer_jax.bench train --variant="$variant" --batch="$batch" --accum_steps="$accum" \
-    --scan=false --steps=5 "${mixer_flags[@]}" --json 2>/dev/null
+    --scan=false --steps=5 "${mixer_flags[@]}" ${MIXER_FLAGS:-} --json 2>/dev/null
 done | "$mixer_python" -c '
 import json, statistics, sys
 rows = [json.loads(line) for line in sys.stdin if line.startswith("{")]

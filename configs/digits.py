@@ -16,6 +16,7 @@ def get_config(arg: str | None = None):
     c.input.pp_train = "pad_crop(1)|resize(16)|rgb|value_range(-1,1)|onehot(10)"
     c.input.pp_eval = "resize(16)|rgb|value_range(-1,1)|onehot(10)"
     c.batch_size = 128
+    c.steps_per_call = 10  # A small model: one dispatch per 10 steps is about 20% faster on 2 cores.
     c.total_steps = 1000
     c.warmup_steps = 100
     c.lr = 3e-3

@@ -50,6 +50,9 @@ _LAYER_NORM_BACKWARD = flags.DEFINE_enum(
     "LayerNorm backward pass, as config model.layer_norm_backward.",
 )
 _ACCUM = flags.DEFINE_integer("accum_steps", 1, "Gradient accumulation microbatches.")
+_STEPS_PER_CALL = flags.DEFINE_integer(
+    "steps_per_call", 1, "train: steps per jitted call, as config steps_per_call; --steps are rounded up to calls."
+)
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classifier width.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 _PROFILE_DIR = flags.DEFINE_string(
@@ -142,7 +145,8 @@ def bench_config():
         layer_norm_backward=_LAYER_NORM_BACKWARD.value,
     )
     c.input.pp_train = "value_range(-1,1)"
-    c.batch_size, c.accum_steps = _BATCH.value, _ACCUM.value
+    c.batch_size, c.accum_steps, c.steps_per_call = _BATCH.value, _ACCUM.value, _STEPS_PER_CALL.value
+    c.log_every = c.steps_per_call
     c.mesh.update(dict(zip(("data", "fsdp", "tensor"), map(int, _MESH.value.split(",")), strict=True)))
     return c
 
@@ -162,14 +166,18 @@ def run(mode: str) -> dict[str, Any]:
     tx, schedule = optim.make(c)
     init_state, shardings = train.sharded_init(model, tx, mesh)
     size, n = c.model.image_size, c.model.num_classes
+    # A train call takes steps_per_call batches, stacked; inference takes one.
+    per_call = c.steps_per_call if mode == "train" else 1
+    stack = (per_call,) if mode == "train" else ()
 
     def make_batch():  # As the pipeline ships them: uint8 images, scaled in the step (`value_range`).
-        images = jax.random.randint(jax.random.key(1), (c.batch_size, size, size, 3), 0, 256, jnp.uint8)
-        return {"image": images, "labels": jax.nn.one_hot(jnp.arange(c.batch_size) % n, n)}
+        images = jax.random.randint(jax.random.key(1), (*stack, c.batch_size, size, size, 3), 0, 256, jnp.uint8)
+        labels = jax.nn.one_hot(jnp.arange(c.batch_size) % n, n)
+        return {"image": images, "labels": jnp.broadcast_to(labels, (*stack, *labels.shape))}
 
     # Compile against shapes first: the timing is not disturbed by allocating the state.
     abstract_state = checkpointing.abstract_with_shardings(jax.eval_shape(init_state, jax.random.key(0)), shardings)
-    batch_sharding = sharding.batch_sharding(mesh)
+    batch_sharding = sharding.stacked_batch_sharding(mesh) if stack else sharding.batch_sharding(mesh)
     abstract_batch = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding), jax.eval_shape(make_batch)
     )
@@ -198,15 +206,20 @@ def run(mode: str) -> dict[str, Any]:
     if _STEPS.value:  # --steps=0: compile only.
         args, out = once(args)  # Warm-up.
         jax.block_until_ready(out)
+        timed_calls = -(-_STEPS.value // per_call)
         faults, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-        for _ in range(_STEPS.value):
+        for _ in range(timed_calls):
             args, out = once(args)
         jax.block_until_ready(out)
-        seconds = (time.perf_counter() - t) / _STEPS.value
-        page_faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / _STEPS.value
+        seconds = (time.perf_counter() - t) / (timed_calls * per_call)
+        page_faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (timed_calls * per_call)
         images_per_s = c.batch_size / seconds
         tflops = images_per_s * flops_per_image / 1e12
-    profiled = profile(_PROFILE_DIR.value, compiled, once, args) if _PROFILE_DIR.value and _STEPS.value else {}
+    profiled = (
+        profile(_PROFILE_DIR.value, compiled, once, args, steps_per_call=per_call)
+        if _PROFILE_DIR.value and _STEPS.value
+        else {}
+    )
     operands = _MATMUL_DTYPE.value or _DTYPE.value  # The roofline is the matmuls' own dtype.
     matmul = matmul_flops(operands) / 1e12
     device = jax.devices()[0]
@@ -216,6 +229,8 @@ def run(mode: str) -> dict[str, Any]:
         "variant": _VARIANT.value,
         "image_size": size,
         "batch": c.batch_size,
+        "accum_steps": c.accum_steps,
+        "steps_per_call": per_call,
         "dtype": _DTYPE.value,
         "matmul_dtype": operands,
         "matmuls": "plain" if model.plain_matmuls else "xla",
@@ -240,11 +255,13 @@ def run(mode: str) -> dict[str, Any]:
     }
 
 
-def profile(directory: str, compiled: Any, once: Callable, args: Any, steps: int = 3) -> dict[str, Any]:
-    """Traces `steps` steps into `directory` (TensorBoard's profile plugin or Perfetto read it), writes
-    the compiled HLO beside it and the device's ops by time to ops.tsv. Returns the time per step of
-    one device, the part of it in matmul kernels, and the top ops: [name, ms per step, share,
-    category]. Times are per device (summed over all, divided by their number)."""
+def profile(
+    directory: str, compiled: Any, once: Callable, args: Any, calls: int = 3, steps_per_call: int = 1
+) -> dict[str, Any]:
+    """Traces `calls` calls of `steps_per_call` steps into `directory` (TensorBoard's profile plugin
+    or Perfetto read it), writes the compiled HLO beside it and the device's ops by time to ops.tsv.
+    Returns the time per step of one device, the part of it in matmul kernels, and the top ops:
+    [name, ms per step, share, category]. Times are per device (summed over all, divided by their number)."""
     import glob
     import os
 
@@ -254,14 +271,14 @@ def profile(directory: str, compiled: Any, once: Callable, args: Any, steps: int
     with open(os.path.join(directory, "step.hlo.txt"), "w") as f:
         f.write(compiled.as_text())
     with jax.profiler.trace(directory):
-        for _ in range(steps):
+        for _ in range(calls):
             args, out = once(args)
         jax.block_until_ready(out)
     traces = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)
     if not traces:  # The profiler wrote nothing (it can be unavailable on some platforms).
         return {}
     ops = device_ops(jax.profiler.ProfileData.from_file(max(traces, key=os.path.getmtime)))
-    steps *= jax.local_device_count()  # Each device ran every step.
+    steps = calls * steps_per_call * jax.local_device_count()  # Each device ran every step.
     total = sum(op["ns"] for op in ops.values()) or 1
     rows = sorted(ops.items(), key=lambda kv: -kv[1]["ns"])
     with open(os.path.join(directory, "ops.tsv"), "w") as f:

@@ -38,6 +38,7 @@ RESUMABLE_CHANGES = (
     "eval_checkpoint",
     "allow_config_change",
     "accum_steps",
+    "steps_per_call",
     "mesh.data",
     "mesh.fsdp",
     "mesh.tensor",

@@ -37,6 +37,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.total_steps = 1000
     c.batch_size = 128  # Global, over all processes.
     c.accum_steps = 1  # Gradient accumulation: batch_size is split into this many microbatches.
+    # Train steps per jitted call (a lax.scan): one dispatch and one temporary buffer for all of them.
+    # Lowered to divide log_every, eval_every, checkpoint_every and fewshot.every (train.steps_per_call).
+    c.steps_per_call = 1
     c.lr = 1e-3
     c.wd = 1e-4  # Decoupled weight decay (AdamW), on the parameters matched by optim.wd_regex.
     c.warmup_steps = 100
@@ -256,6 +259,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
             config[key] >= 0 and (key != "log_every" or config[key] > 0),
             f"config key '{key}' is {config[key]}; it must be {'> 0' if key == 'log_every' else '>= 0'}.",
         )
+    _require(config.steps_per_call >= 1, f"config key 'steps_per_call' is {config.steps_per_call}; use >= 1.")
     _require(
         config.keep_checkpoints >= 1, f"config key 'keep_checkpoints' is {config.keep_checkpoints}; keep at least 1."
     )

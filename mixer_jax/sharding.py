@@ -72,8 +72,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
-def microbatch_sharding(mesh: Mesh) -> NamedSharding:
-    """(accum, microbatch, ...) arrays: the microbatch axis sharded like a batch."""
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """(n, batch, ...) arrays, n steps' batches or n microbatches: the second axis sharded like a batch."""
     return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
 
 
@@ -81,7 +81,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def put_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's slice of the global batch -> global arrays sharded over the batch axes."""
-    sharding = batch_sharding(mesh)
+def put_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, *, stacked: bool = False) -> dict[str, jax.Array]:
+    """This process's slice of the global batch -> global arrays sharded over the batch axes.
+
+    `stacked`: the leaves lead with an axis of steps, kept whole, before the batch axis.
+    """
+    sharding = stacked_batch_sharding(mesh) if stacked else batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

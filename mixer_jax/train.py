@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from typing import Any
@@ -134,6 +135,13 @@ def state_from_weights(
     return init_state(params, rng)
 
 
+def steps_per_call(config: ml_collections.ConfigDict) -> int:
+    """`config.steps_per_call`, lowered to divide every logging, evaluation, few-shot and checkpoint
+    period, so that calls end on those steps."""
+    periods = (config.log_every, config.eval_every, config.checkpoint_every)
+    return math.gcd(config.steps_per_call, *periods, config.fewshot.every if config.fewshot.datasets else 0)
+
+
 def make_train_step(
     config: ml_collections.ConfigDict,
     model: models.MlpMixer,
@@ -142,7 +150,10 @@ def make_train_step(
     mesh: Mesh,
     state_shardings: TrainState,
 ):
-    """The jitted step `(state, batch) -> (state, metrics)`; the state is donated."""
+    """The jitted call `(state, batches) -> (state, metrics)`, one train step per entry of the
+    batches' leading axis, in order (a `lax.scan` when there are several: one dispatch and one
+    temporary buffer for all of them). The state is donated; the metrics lead with the steps axis.
+    """
     accum = config.accum_steps
     finish = preprocess.parse(config.input.pp_train).on_device
 
@@ -154,7 +165,6 @@ def make_train_step(
         loss, grads = jax.value_and_grad(objective)(params)
         return grads, loss
 
-    @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(state_shardings, None))
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
         batch = batch | {"image": finish(batch["image"])}
@@ -165,7 +175,7 @@ def make_train_step(
             # each microbatch, so accumulation moves no data. Equal sizes: the mean of the
             # microbatch means is the full-batch mean.
             micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1), batch)
-            micro = jax.lax.with_sharding_constraint(micro, sharding.microbatch_sharding(mesh))
+            micro = jax.lax.with_sharding_constraint(micro, sharding.stacked_batch_sharding(mesh))
 
             def body(carry, xs):
                 i, mb = xs
@@ -180,7 +190,14 @@ def make_train_step(
         metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads), "train/lr": lr_schedule(state.step)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return train_step
+    @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(state_shardings, None))
+    def train_steps(state: TrainState, batches: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        if jax.tree.leaves(batches)[0].shape[0] > 1:
+            return jax.lax.scan(train_step, state, batches)
+        state, metrics = train_step(state, jax.tree.map(lambda x: x[0], batches))
+        return state, jax.tree.map(lambda x: x[None], metrics)
+
+    return train_steps
 
 
 def _evaluator(config: ml_collections.ConfigDict, model: models.MlpMixer, mesh: Mesh, eval_data: pipeline.EvalData):
@@ -294,7 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = init_state(base_rng)
     first_step = int(state.step)
 
-    train_step = make_train_step(config, model, tx, lr_schedule, mesh, state_shardings)
+    train_steps = make_train_step(config, model, tx, lr_schedule, mesh, state_shardings)
 
     evaluate = _evaluator(config, model, mesh, eval_data)
     fewshot_eval = _fewshot_evaluator(config, model)
@@ -315,20 +332,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(step, metrics)
         _append_jsonl(workdir, step, metrics, is_main)
 
+    per_call, step, calls = steps_per_call(config), first_step, 0
+    if per_call != config.steps_per_call:
+        logging.info(
+            "%d steps per call: steps_per_call=%d, lowered to divide the periods", per_call, config.steps_per_call
+        )
     with mesh:
-        for step in range(first_step + 1, config.total_steps + 1):
-            batch = sharding.put_batch(next(train_iter), mesh)  # The step's one host-to-device transfer.
-            with jax.transfer_guard("disallow"):  # Nothing else crosses, nothing waits for the device.
-                state, metrics = train_step(state, batch)
+        while step < config.total_steps:
+            # Calls end on multiples of per_call, which divides every period, and at total_steps.
+            n = min(per_call - step % per_call, config.total_steps - step)
+            local = [next(train_iter) for _ in range(n)]
+            batches = sharding.put_batch(jax.tree.map(lambda *x: np.stack(x), *local), mesh, stacked=True)
+            with jax.transfer_guard("disallow"):  # The call's one transfer is above; nothing waits.
+                state, metrics = train_steps(state, batches)
+            step, calls = step + n, calls + 1
             pending.append(metrics)
             is_last = step == config.total_steps
-            preempted = preemption.reached(step)
+            preempted = preemption.reached(first_step + calls)  # Its sync point counts calls, one by one.
             is_log = step % config.log_every == 0 or is_last
             is_eval = is_last or bool(config.eval_every and step % config.eval_every == 0)
             is_save = is_last or preempted or bool(config.checkpoint_every and step % config.checkpoint_every == 0)
 
             if is_log or is_save:
-                fetched = jax.device_get(pending)
+                fetched = [
+                    {k: v[i] for k, v in m.items()}
+                    for m in jax.device_get(pending)
+                    for i in range(len(m["train/loss"]))
+                ]
                 _check_finite(fetched, step - len(fetched) + 1, ckpt)
                 window += fetched
                 pending = []

@@ -26,7 +26,9 @@ def positive(value):
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-@pytest.mark.parametrize("extra", [[], ["--accum_steps=2", "--mesh=1,2,1", "--scan", "--remat=full"]])
+@pytest.mark.parametrize(
+    "extra", [[], ["--accum_steps=2", "--steps_per_call=2", "--mesh=1,2,1", "--scan", "--remat=full"]]
+)
 def test_bench_train(extra):
     r = bench("train", *TINY, *extra)
     for key in ("images_per_s", "tflops", "matmul_tflops", "mfu_vs_matmul", "compile_s", "peak_memory_bytes"):

@@ -104,6 +104,19 @@ def test_sigterm_saves_exits_3_and_resumes_bit_exactly(straight, data_dir, tmp_p
     assert_bit_identical(final_params(workdir), final_params(straight))
 
 
+def test_steps_per_call_resumes_off_its_grid_bit_exactly(straight, data_dir, tmp_path):
+    """The straight run (one step per call) resumed from step 36 with 8 steps per call: one call of
+    the 4 steps left, the straight run's parameters bit for bit and its last 4 losses' mean."""
+    workdir = str(tmp_path)
+    shutil.copytree(os.path.join(straight, "checkpoints"), os.path.join(workdir, "checkpoints"))
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "40"))
+    rc, err = run(data_dir, workdir, total_steps=40, steps_per_call=8, log_every=8, checkpoint_every=8)
+    assert rc == 0 and "restored step 36 from" in err, err[-3000:]
+    assert_bit_identical(final_params(workdir), final_params(straight))
+    per_step = step_losses(straight)
+    assert step_losses(workdir) == {40: pytest.approx(np.mean(np.float32([per_step[s] for s in range(37, 41)])))}
+
+
 def test_sigkill_chaos(straight, data_dir, tmp_path):
     """SIGKILL at 3 random moments, 2 of them while an async save is in flight; relaunch each time."""
     workdir = str(tmp_path)

@@ -152,9 +152,10 @@ def eight_device_run(data_dir, tmp_path_factory):
 
 
 def test_two_processes_match_one(eight_device_run, data_dir, tmp_path):
-    """launch/local.sh: 2 processes x 4 CPU devices, the loss trajectory of 1 process x 8 devices."""
+    """launch/local.sh: 2 processes x 4 CPU devices, 2 steps per call, the loss trajectory of 1
+    process x 8 devices."""
     workdir = str(tmp_path / "run")
-    args = cli_args(data_dir, workdir, total_steps=20, schedule="constant")
+    args = cli_args(data_dir, workdir, total_steps=20, schedule="constant", steps_per_call=2, log_every=2)
     result = subprocess.run(
         ["bash", "launch/local.sh", "--num_processes=2", "--devices_per_process=4", f"--port={free_port()}", "--"]
         + args,
@@ -164,8 +165,7 @@ def test_two_processes_match_one(eight_device_run, data_dir, tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    np.testing.assert_allclose(losses(workdir), losses(eight_device_run), rtol=1e-5)
-    assert len(losses(workdir)) == 20
+    np.testing.assert_allclose(losses(workdir), losses(eight_device_run).reshape(10, 2).mean(1), rtol=1e-5)
     # The checkpoint both processes wrote restores in this single process, onto another mesh.
     c = small_config(data_dir, total_steps=20, schedule="constant", **{"mesh.data": 2, "mesh.tensor": 4})
     m = sharding.make_mesh(c.mesh)

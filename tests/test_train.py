@@ -71,3 +71,15 @@ def test_quickstart_reaches_98_percent(digits_run):
     shared with the tests that start from a trained digits model (`digits_run`, conftest)."""
     accuracy = final_accuracy(digits_run.log)
     assert accuracy >= 98.0
+
+
+def test_steps_per_call_divides_every_period():
+    c = defaults()
+    c.update(steps_per_call=10, log_every=100, eval_every=0, checkpoint_every=500)
+    assert train.steps_per_call(c) == 10
+    c.log_every = 15
+    assert train.steps_per_call(c) == 5
+    c.fewshot.every = 4  # Counts only when few-shot probes run.
+    assert train.steps_per_call(c) == 5
+    c.fewshot.datasets = "digits"
+    assert train.steps_per_call(c) == 1
