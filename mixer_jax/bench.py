@@ -6,7 +6,7 @@ random batches, and reports images/s, achieved TFLOP/s from the analytic FLOPs (
 forward), the same process's large-matmul TFLOP/s at the matmul operand dtype (the practical roofline), the
 ratio of the two (MFU vs matmul), the spec peak and MFU against it where the device is known,
 compile time, peak memory and the host's page faults per step (on CPU, XLA maps the step's temporary
-buffer afresh every step; see README, Benchmarks).
+buffer afresh every call; see README, Benchmarks).
 
 `data` times the training input pipeline (`pipeline.make_train`, grain threads included) and reports
 images/s, images/s per core (over min(workers, cores)) and images per CPU-second of the process
@@ -33,7 +33,7 @@ _BATCH = flags.DEFINE_integer("batch", 32, "Global batch size.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Image side in pixels.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _MESH = flags.DEFINE_string("mesh", "-1,1,1", "Mesh sizes data,fsdp,tensor (-1: the rest).")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after one warm-up step; 0 compiles only.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after one warm-up call; 0 compiles only.")
 _SCAN = flags.DEFINE_bool("scan", False, "Scan over the blocks (nn.scan), as config model.scan_blocks.")
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy: none, full, dots, dots_no_batch.")
 _MATMUL_DTYPE = flags.DEFINE_enum(
@@ -146,7 +146,6 @@ def bench_config():
     )
     c.input.pp_train = "value_range(-1,1)"
     c.batch_size, c.accum_steps, c.steps_per_call = _BATCH.value, _ACCUM.value, _STEPS_PER_CALL.value
-    c.log_every = c.steps_per_call
     c.mesh.update(dict(zip(("data", "fsdp", "tensor"), map(int, _MESH.value.split(",")), strict=True)))
     return c
 

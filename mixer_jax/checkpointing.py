@@ -246,7 +246,8 @@ class Preemption:
     """Whether the run must save and stop now, agreed by every process.
 
     Several processes: JAX's preemption sync point (the coordination service turns SIGTERM and the
-    TPU maintenance notice into a step that every process reaches). One process: a SIGTERM handler.
+    TPU maintenance notice into a call of the train step that every process reaches). One process: a
+    SIGTERM handler.
     """
 
     def __init__(self):
@@ -255,11 +256,12 @@ class Preemption:
         if not self.multiprocess and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
 
-    def reached(self, step: int) -> bool:
+    def reached(self, call_id: int) -> bool:
+        """`call_id`: a counter that every process advances by one per train call."""
         if self.multiprocess:
             from jax.experimental import multihost_utils
 
-            return multihost_utils.reached_preemption_sync_point(step)
+            return multihost_utils.reached_preemption_sync_point(call_id)
         return self.requested.is_set()
 
 
