@@ -282,6 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             params = source.restore_params(step, abstract_sharded.params)
         except checkpointing.CheckpointError:
             ckpt.close()
+            writer.close()
             raise
         logging.info("restored step %d from %s", step, source.directory)
         eval_metrics = _evaluator(config, model, mesh, eval_data)(params)
@@ -294,13 +295,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             eval_metrics["eval/loss"],
         )
         ckpt.close()
+        writer.close()
         return eval_metrics
     if step_to_restore is not None:
         try:
             _check_resumable(config, source, step_to_restore)
             state, data_state = source.restore(step_to_restore, abstract_sharded)
         except checkpointing.CheckpointError:
-            ckpt.close()  # Stop Orbax's background threads before the program exits.
+            ckpt.close()  # Stop Orbax's and the writer's background threads before the program exits.
+            writer.close()
             raise
         train_iter.set_state(data_state)
         logging.info("restored step %d from %s", step_to_restore, source.directory)
@@ -416,12 +419,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if preempted and not is_last:
                 ckpt.wait()
                 ckpt.close()
-                writer.flush()
+                writer.close()
                 raise Preempted(step, ckpt.directory)
 
     ckpt.wait()
     ckpt.close()
-    writer.flush()
+    writer.close()
     if not eval_metrics and first_step == config.total_steps:
         eval_metrics = evaluate(state.params)  # Re-run of a finished workdir: report, don't train.
     logging.info(

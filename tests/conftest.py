@@ -27,6 +27,18 @@ def load_config(name: str, arg: str | None = None):
     return module.get_config(arg)
 
 
+def digits_config(overrides: dict):
+    """configs/digits.py with dotted `--config.KEY=VALUE`-style overrides applied in process."""
+    c = load_config("digits")
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
 def final_accuracy(log: str) -> float:
     """The percentage in a run's closing `final test accuracy P% on 360 examples` line (digits)."""
     import re

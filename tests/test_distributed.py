@@ -8,7 +8,7 @@ import subprocess
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, load_config
+from conftest import REPO, digits_config
 from jax.sharding import PartitionSpec as P
 from test_config import run_main
 
@@ -36,14 +36,7 @@ OVERRIDES = {
 
 
 def small_config(data_dir, **kw):
-    c = load_config("digits")  # The base of cli_args too.
-    for key, value in (OVERRIDES | {"input.data_dir": data_dir} | kw).items():
-        *parents, leaf = key.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return digits_config(OVERRIDES | {"input.data_dir": data_dir} | kw)  # cli_args's twin, in process.
 
 
 def cli_args(data_dir, workdir, **kw):
