@@ -53,7 +53,7 @@ _ACCUM = flags.DEFINE_integer("accum_steps", 1, "Gradient accumulation microbatc
 _STEPS_PER_CALL = flags.DEFINE_integer(
     "steps_per_call", 1, "train: steps per jitted call, as config steps_per_call; --steps are rounded up to calls."
 )
-_NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classifier width.")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classifier width; data: the N of onehot(N) in --pp.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir",
@@ -329,12 +329,13 @@ def run_data() -> dict[str, Any]:
     import tempfile
 
     from mixer_jax.config import defaults
-    from mixer_jax.data import pipeline, prepare
+    from mixer_jax.data import pipeline, prepare, preprocess
 
     c = defaults()
     c.input.dataset, c.input.data_dir = _DATASET.value, _DATA_DIR.value
     c.input.pp_train, c.input.num_workers, c.input.prefetch = _PP.value, _WORKERS.value, 2 * max(1, _WORKERS.value)
     c.batch_size, c.input.eval_split = _BATCH.value, "train"
+    c.model.num_classes = _NUM_CLASSES.value  # What `onehot(N)` in --pp must agree with.
     with tempfile.TemporaryDirectory() as tmp:
         if _SYNTHETIC_JPEG.value:
             prepare.synthetic_image_folder(f"{tmp}/images", num_images=_SYNTHETIC_JPEG.value)
@@ -343,7 +344,10 @@ def run_data() -> dict[str, Any]:
             c.input.dataset, c.input.data_dir = "synthetic_jpeg", f"{tmp}/tfds"
         if not c.input.dataset:
             sys.exit("bench data needs --dataset=NAME (with --data_dir) or --synthetic_jpeg=NUM_IMAGES")
-        pipeline.check(c)
+        try:
+            pipeline.check(c)
+        except (pipeline.DatasetError, preprocess.PreprocessError) as e:  # Config keys map to flags here.
+            sys.exit(f"bench data: {e} (--pp is input.pp_train, --num_classes model.num_classes)")
         # The baselines run before and after the pipeline (its threads stopped), and their means are
         # reported: a shared machine's speed drifts.
         source = pipeline._source(c, c.input.train_split, raw_image=True)

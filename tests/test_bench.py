@@ -90,8 +90,10 @@ def test_device_ops_from_a_trace():
 
 
 def test_bench_data():
-    r = bench("data", "--synthetic_jpeg=48", "--images=64", "--batch=16", "--workers=2", "--json")
-    assert r["image_shape"] == [224, 224, 3] and r["images"] >= 64, r
+    pp = "decode|inception_crop(224)|flip_lr|value_range(-1,1)|onehot(10)"  # The synthetic set has 10 classes.
+    args = ("--synthetic_jpeg=48", "--images=64", "--batch=16", "--workers=2", f"--pp={pp}", "--num_classes=10")
+    r = bench("data", *args, "--json")
+    assert r["image_shape"] == [224, 224, 3] and r["images"] >= 64 and r["pp"] == pp, r
     baselines = ("pil_decode_images_per_cpu_s", "pil_loop_images_per_cpu_s", "per_core_vs_pil_loop")
     for key in ("images_per_s", "images_per_s_per_core", "images_per_cpu_s", *baselines):
         assert positive(r[key]), (key, r)
