@@ -30,7 +30,7 @@ from absl import app, flags
 
 _VARIANT = flags.DEFINE_string("variant", "B/16", "Model variant, e.g. B/16.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch size.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Image side in pixels.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Image side in pixels; data: of --dataset=synthetic's images.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _MESH = flags.DEFINE_string("mesh", "-1,1,1", "Mesh sizes data,fsdp,tensor (-1: the rest).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after one warm-up call; 0 compiles only.")
@@ -335,7 +335,8 @@ def run_data() -> dict[str, Any]:
     c.input.dataset, c.input.data_dir = _DATASET.value, _DATA_DIR.value
     c.input.pp_train, c.input.num_workers, c.input.prefetch = _PP.value, _WORKERS.value, 2 * max(1, _WORKERS.value)
     c.batch_size, c.input.eval_split = _BATCH.value, "train"
-    c.model.num_classes = _NUM_CLASSES.value  # What `onehot(N)` in --pp must agree with.
+    # What `onehot(N)` in --pp must agree with, and the side of `--dataset=synthetic`'s images.
+    c.model.num_classes, c.model.image_size = _NUM_CLASSES.value, _IMAGE_SIZE.value
     with tempfile.TemporaryDirectory() as tmp:
         if _SYNTHETIC_JPEG.value:
             prepare.synthetic_image_folder(f"{tmp}/images", num_images=_SYNTHETIC_JPEG.value)

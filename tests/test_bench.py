@@ -97,3 +97,9 @@ def test_bench_data():
     baselines = ("pil_decode_images_per_cpu_s", "pil_loop_images_per_cpu_s", "per_core_vs_pil_loop")
     for key in ("images_per_s", "images_per_s_per_core", "images_per_cpu_s", *baselines):
         assert positive(r[key]), (key, r)
+
+
+def test_bench_data_synthetic_at_the_given_size():
+    args = ("--dataset=synthetic", "--image_size=16", "--num_classes=10", "--pp=value_range(-1,1)|onehot(10)")
+    r = bench("data", *args, "--images=64", "--json")
+    assert r["image_shape"] == [16, 16, 3] and r["images"] >= 64 and positive(r["images_per_s"]), r
