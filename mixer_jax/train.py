@@ -362,7 +362,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     for m in jax.device_get(pending)
                     for i in range(len(m["train/loss"]))
                 ]
-                _check_finite(fetched, step - len(fetched) + 1, ckpt)
+                try:
+                    _check_finite(fetched, step - len(fetched) + 1, ckpt)
+                except NonFiniteError:
+                    writer.close()  # Its summaries up to the last log stay readable.
+                    raise
                 window += fetched
                 pending = []
 
