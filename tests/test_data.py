@@ -56,6 +56,19 @@ def test_preprocess_ops():
     assert {int(c.sum()) for c in crops} > {16} and min(int(c.sum()) for c in crops) >= 4
 
 
+@pytest.mark.parametrize("pad", [1, 2, 5, 9])
+def test_pad_crop_is_the_crop_of_the_zero_padded_image(pad):
+    """Against np.pad, with the op's own draws; pads as wide as the image included."""
+    image = np.random.default_rng(pad).integers(1, 256, (8, 6, 3), dtype=np.uint8)
+    op = preprocess.parse(f"pad_crop({pad})")
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+    for seed in range(30):
+        y, x = np.random.default_rng(seed).integers(0, 2 * pad + 1, size=2)
+        got = op({"image": image}, np.random.default_rng(seed))["image"]
+        assert got.dtype == np.uint8
+        np.testing.assert_array_equal(got, padded[y : y + 8, x : x + 6])
+
+
 @pytest.mark.parametrize(
     "pp,message",
     [
