@@ -237,13 +237,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
     from clu import metric_writers  # Imports TensorFlow: only the training loop needs it, not `bench`.
 
+    # TensorBoard event files from process 0; the console line is the human-readable log. The writer
+    # is closed (its thread stopped, its events flushed) however the run ends.
     is_main = jax.process_index() == 0
-    mesh = sharding.make_mesh(config.mesh)
-    logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), mesh.size, jax.process_count())
-    # TensorBoard event files from process 0; the console line below is the human-readable log.
     writer = (
         metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)) if is_main else metric_writers.MultiWriter([])
     )
+    try:
+        return _train_and_evaluate(config, workdir, writer)
+    finally:
+        writer.close()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer: Any) -> dict[str, float]:
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh)
+    logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), mesh.size, jax.process_count())
 
     # Data. Process 0 prepares a built-in dataset before the others open it.
     if is_main:
@@ -282,7 +291,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             params = source.restore_params(step, abstract_sharded.params)
         except checkpointing.CheckpointError:
             ckpt.close()
-            writer.close()
             raise
         logging.info("restored step %d from %s", step, source.directory)
         eval_metrics = _evaluator(config, model, mesh, eval_data)(params)
@@ -295,15 +303,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             eval_metrics["eval/loss"],
         )
         ckpt.close()
-        writer.close()
         return eval_metrics
     if step_to_restore is not None:
         try:
             _check_resumable(config, source, step_to_restore)
             state, data_state = source.restore(step_to_restore, abstract_sharded)
         except checkpointing.CheckpointError:
-            ckpt.close()  # Stop Orbax's and the writer's background threads before the program exits.
-            writer.close()
+            ckpt.close()  # Stop Orbax's background threads before the program exits.
             raise
         train_iter.set_state(data_state)
         logging.info("restored step %d from %s", step_to_restore, source.directory)
@@ -362,11 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     for m in jax.device_get(pending)
                     for i in range(len(m["train/loss"]))
                 ]
-                try:
-                    _check_finite(fetched, step - len(fetched) + 1, ckpt)
-                except NonFiniteError:
-                    writer.close()  # Its summaries up to the last log stay readable.
-                    raise
+                _check_finite(fetched, step - len(fetched) + 1, ckpt)
                 window += fetched
                 pending = []
 
@@ -423,12 +425,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if preempted and not is_last:
                 ckpt.wait()
                 ckpt.close()
-                writer.close()
                 raise Preempted(step, ckpt.directory)
 
     ckpt.wait()
     ckpt.close()
-    writer.close()
     if not eval_metrics and first_step == config.total_steps:
         eval_metrics = evaluate(state.params)  # Re-run of a finished workdir: report, don't train.
     logging.info(

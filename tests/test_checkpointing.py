@@ -255,6 +255,12 @@ def corrupted(case, good_workdir, tmp_path):
     return workdir, tree_hashes(os.path.join(checkpoints, "4")), tree_hashes(checkpoints)
 
 
+def assert_untouched(workdir, step4, after_corruption):
+    checkpoints = os.path.join(workdir, "checkpoints")
+    assert tree_hashes(os.path.join(checkpoints, "4")) == step4  # The good checkpoint is untouched...
+    assert tree_hashes(checkpoints) == after_corruption  # ...and nothing else changed.
+
+
 @pytest.mark.parametrize("case", CLI_CASES)
 def test_bad_checkpoint_exits_2(case, good_workdir, data_dir, tmp_path):
     _, overrides, fragment = BAD[case]
@@ -264,8 +270,7 @@ def test_bad_checkpoint_exits_2(case, good_workdir, data_dir, tmp_path):
     assert "Traceback" not in err
     message = [line for line in err.splitlines() if line.startswith("mixer_jax: error:")]
     assert len(message) == 1 and fragment in message[0], err[-3000:]
-    assert tree_hashes(os.path.join(workdir, "checkpoints", "4")) == step4  # The good checkpoint is untouched...
-    assert tree_hashes(os.path.join(workdir, "checkpoints")) == after_corruption  # ...and nothing else changed.
+    assert_untouched(workdir, step4, after_corruption)
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -275,8 +280,7 @@ def test_bad_checkpoint_is_refused(case, good_workdir, data_dir, tmp_path):
     with pytest.raises(checkpointing.CheckpointError) as refused:
         train.train_and_evaluate(base_config(data_dir, **({"total_steps": 12} | overrides)), workdir)
     assert fragment in str(refused.value)
-    assert tree_hashes(os.path.join(workdir, "checkpoints", "4")) == step4
-    assert tree_hashes(os.path.join(workdir, "checkpoints")) == after_corruption
+    assert_untouched(workdir, step4, after_corruption)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
