@@ -9,10 +9,10 @@
 # Writes OUTDIR/NAME.json (one `bench` result each), OUTDIR/profile/ (trace, ops.tsv, step.hlo.txt)
 # and prints a table last. XLA may take 95% of the card (XLA_PYTHON_CLIENT_MEM_FRACTION).
 #
-# Measured on one H100 80GB HBM3 (jax 0.11.2), B/16 bf16, batch 256: 4600 images/s, 348 TFLOP/s,
-# 0.35 of the dense bf16 spec (989 TFLOP/s), 0.48 of the same card's 8192^3 matmul; matmul kernels
-# 29 of the 55 ms step (at 94% of that matmul's rate), GELU, LayerNorm, bias gradients and the
-# optimizer the other 26.
+# Measured on H100 80GB HBM3 cards (jax 0.11.2), B/16 bf16, batch 256: 4540-4690 images/s, 343-354
+# TFLOP/s, 0.35-0.36 of the dense bf16 spec (989 TFLOP/s), 0.51-0.56 of the same card's 8192^3
+# matmul; matmul kernels 29.0 of the 54.6 ms step, GELU, LayerNorm, bias gradients, transposes and
+# the optimizer the other 25.3 (README, Benchmarks).
 # MIXER_PYTHON: the Python that runs mixer_jax; TIMM_PYTHON: one with torch and timm (skipped if absent).
 set -uo pipefail
 out=$(realpath -m "${1:-runs/gpu}")  # Relative to the caller's directory.
@@ -39,8 +39,8 @@ bench() {  # NAME [bench train flags...]: one run, its JSON kept in OUTDIR/NAME.
 
 bf16=(--variant="$variant" --dtype=bfloat16 --steps=10)
 bench "bs$batch" "${bf16[@]}" --batch="$batch" --profile_dir="$out/profile"
-# The GELU backward pass that keeps only the GELU's input (so far the default for float32 matmuls on CPU only).
-bench "bs${batch}_gelu_recompute" "${bf16[@]}" --batch="$batch" --gelu_backward=recompute
+# Autodiff's GELU backward pass, which keeps the tanh too (the GPU default keeps only the GELU's input).
+bench "bs${batch}_gelu_saved" "${bf16[@]}" --batch="$batch" --gelu_backward=saved
 # The LayerNorm backward pass that keeps only the input and row statistics (so far the default for
 # float32 activations on CPU only).
 bench "bs${batch}_layer_norm_recompute" "${bf16[@]}" --batch="$batch" --layer_norm_backward=recompute

@@ -70,8 +70,8 @@ def defaults() -> ml_collections.ConfigDict:
             # picks plain for bfloat16 operands on CPU.
             matmuls="auto",
             # auto, saved, recompute: the GELUs' backward pass keeps autodiff's intermediates or only
-            # the GELU's input (models.MlpMixer.recompute_gelu); auto recomputes for float32 matmuls
-            # on CPU.
+            # the GELU's input (models.MlpMixer.recompute_gelu); auto recomputes on GPU and for
+            # float32 matmuls on CPU.
             gelu_backward="auto",
             # auto, saved, recompute: the LayerNorms' backward pass keeps autodiff's intermediates or
             # only the input and row statistics (models.MlpMixer.recompute_layer_norm); auto

@@ -84,11 +84,22 @@ def test_model_gradients_equal_either_way(approximate):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got_grads, want_grads)
 
 
-def test_auto_and_config_errors():
-    on_cpu = jax.default_backend() == "cpu"
-    assert models.create("Mu/4", num_classes=5, image_size=16).recompute_gelu == on_cpu
-    assert not models.create("Mu/4", num_classes=5, image_size=16, matmul_dtype=BF16).recompute_gelu
-    assert not models.create("Mu/4", num_classes=5, image_size=16, dtype=BF16).recompute_gelu
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_auto(backend, monkeypatch):
+    """auto recomputes where it measured faster: on GPU, and for float32 matmuls on CPU."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    float32, bf16_matmuls, bf16 = (
+        models.create("Mu/4", num_classes=5, image_size=16, **kw).recompute_gelu
+        for kw in ({}, {"matmul_dtype": BF16}, {"dtype": BF16})
+    )
+    assert (float32, bf16_matmuls, bf16) == {
+        "cpu": (True, False, False),
+        "gpu": (True, True, True),
+        "tpu": (False, False, False),
+    }[backend]
+
+
+def test_config_errors():
     with pytest.raises(ValueError, match="gelu_backward 'fast' is not one of"):
         models.create("Mu/4", num_classes=5, image_size=16, gelu_backward="fast")
     c = config_lib.defaults()
