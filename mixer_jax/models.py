@@ -114,7 +114,13 @@ class PatchStem(nn.Module):
     """The per-patch linear embedding: the official stride-p, p x p Conv (same `kernel` (p, p, 3, C)
     and `bias` (C,)), computed as one matmul over flattened patches. The same numbers as the
     convolution, but XLA:CPU runs a convolution's gradient inside a loop (gradient accumulation)
-    about 30x slower than this matmul."""
+    about 30x slower than this matmul.
+
+    Returns tokens-major embeddings (tokens, batch, C), tokens in row-major order as the official
+    einops: the patches are gathered in that order, so the blocks' layout comes out of the matmul
+    and no activation-sized transpose exists. (A transpose of the batch-major output was one that
+    XLA:GPU moved into the residual stream: the residual adds ran batch-major, and every backward
+    LayerNorm was followed by a transpose back, 23 per B/16 step.)"""
 
     features: int
     patch_size: int
@@ -130,10 +136,10 @@ class PatchStem(nn.Module):
         kernel, bias = _kernel_and_bias(
             self, (p, p, c, self.features), ("patch_height", "patch_width", "pixels", "embed"), self.param_dtype
         )
-        patches = images.astype(self.dtype).reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        patches = images.astype(self.dtype).reshape(n, h // p, p, w // p, p, c).transpose(1, 3, 0, 2, 4, 5)
         patches, kernel = patches.reshape(-1, p * p * c), kernel.reshape(-1, self.features)
         y = _matmul(self.plain_matmuls)(patches, kernel, bias, False, _operand_dtype(self))
-        return y.reshape(n, h // p, w // p, self.features)
+        return y.reshape((h // p) * (w // p), n, self.features)
 
 
 class Dense(nn.Module):
@@ -359,7 +365,7 @@ class MlpMixer(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        n, h, w, _ = images.shape
+        _, h, w, _ = images.shape
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not divisible by patch {p}")
@@ -368,11 +374,10 @@ class MlpMixer(nn.Module):
                 f"images of {h}x{w} give {(h // p) * (w // p)} tokens, but the model was built for "
                 f"image_size {self.image_size} ({self.num_tokens} tokens): create it with image_size={h}"
             )
+        # Tokens-major (tokens, batch, channels) from the stem on, through the blocks.
         x = PatchStem(
             self.hidden_dim, p, self.dtype, self.param_dtype, self.operand_dtype, self.plain_matmuls, name="stem"
         )(images)
-        x = x.reshape(n, -1, self.hidden_dim)  # row-major token order, as the official einops.
-        x = jnp.swapaxes(x, 0, 1)  # Tokens-major (tokens, batch, channels) through the blocks.
         x = self._blocks(x, train)
         x = _layer_norm(self.dtype, self.param_dtype, self.recompute_layer_norm, name="pre_head_layer_norm")(x)
         x = jnp.mean(x, axis=0)

@@ -1,5 +1,7 @@
 """The Mixer against an independent jax.numpy forward pass, exact parameter counts, and properties."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -170,6 +172,18 @@ def test_stochastic_depth_and_dropout():
     copies = jnp.repeat(x[:1], 8, axis=0)
     out = np.asarray(model.apply({"params": params}, copies, train=True, rngs={"dropout": jax.random.key(0)}))
     assert len({row.tobytes() for row in out}) > 1
+
+
+def test_activations_stay_tokens_major():
+    """From the stem on, activations are (tokens, batch, channels): the training step transposes no
+    3-D activation, forward or backward (the stem gathers the patches in that order, its one
+    transpose is of the images)."""
+    model = models.create("Mu/4", num_classes=10, image_size=16)
+    params, x = random_params(model, 16), images(3, 16)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, train=True))))(params))
+    permutations = re.findall(r"transpose\[\s*permutation=\(([\d, ]+)\)", jaxpr)
+    assert [q for q in permutations if q.count(",") == 2] == []
+    assert [q for q in permutations if q.count(",") == 5] == ["1, 3, 0, 2, 4, 5"]
 
 
 @pytest.mark.parametrize("scan", [False, True])
