@@ -85,9 +85,14 @@ def _backward(plain, leading, dtype, residuals, g):
     if leading:  # y = k^T x + b: dx = k g, dk = x g^T, db = g 1.
         dx, dk = _dot(kc, gc, out), _dot(xc, transpose(gc))
         db = _dot(gc, _ones(gc.shape[1], 2, dtype))[:, 0] if plain else jnp.sum(g, 1, dtype=jnp.float32)
-    else:  # y = x k + b: dx = g k^T, dk = x^T g, db = 1^T g.
+    elif plain:  # y = x k + b: dx = g k^T, dk = x^T g, db = 1^T g.
         dx, dk = _dot(gc, transpose(kc), out), _dot(transpose(xc), gc)
-        db = _dot(_ones(2, gc.shape[0], dtype), gc)[0] if plain else jnp.sum(g, 0, dtype=jnp.float32)
+        db = _dot(_ones(2, gc.shape[0], dtype), gc)[0]
+    else:  # The same, with x (..., K): dk and db contract all of x's leading axes.
+        rows = tuple(range(xc.ndim - 1))
+        dx = _dot(gc, kc.T, out)
+        dk = lax.dot_general(xc, gc, ((rows, rows), ((), ())), preferred_element_type=jnp.float32)
+        db = jnp.sum(g, rows, dtype=jnp.float32)
     return dx.astype(g.dtype), dk.astype(kernel.dtype), db.astype(bias.dtype)
 
 
@@ -109,7 +114,11 @@ def xla_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array, leading: bool, 
     (free on GPU and TPU). The forward and input-gradient dots write x's dtype directly: with
     bfloat16 activations the product is rounded to bfloat16 before the float32 bias is added (one
     rounding more than `dense_matmul`, as in `nn.Dense`), and the bias gradient sums the cotangent
-    itself rather than its copy in `dtype`."""
+    itself rather than its copy in `dtype`.
+
+    With `leading=False`, x may have any number of leading axes, (..., K). They are never merged into
+    rows: merging a sharded batch axis that is not the outermost (tokens-major activations) makes
+    XLA gather the whole batch on every device."""
     return _affine(x, kernel, bias, leading, dtype, False)[0]
 
 

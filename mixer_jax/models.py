@@ -105,6 +105,20 @@ def _matmul(plain: bool) -> Any:
     return matmul.dense_matmul if plain else matmul.xla_matmul
 
 
+def _over_last_axis(x: jax.Array, kernel: jax.Array, bias: jax.Array, plain: bool, dtype: Dtype) -> jax.Array:
+    """x (..., K) @ kernel (K, N) + bias -> (..., N).
+
+    On GPU and TPU x keeps its axes. Merging them into rows would, on tokens-major activations
+    (tokens, batch, C) with the batch sharded, make XLA gather the whole batch on every device (4
+    activation all-gathers per data-parallel step; activation-sized all-reduces with FSDP). XLA:CPU
+    gets rows: its dot handles a transposed 2-D operand in place but copies an N-D one to form the
+    kernel gradient (S/16 float32 19% slower), and CPU meshes only emulate devices."""
+    if not plain and jax.default_backend() != "cpu":
+        return matmul.xla_matmul(x, kernel, bias, False, dtype)
+    y = _matmul(plain)(x.reshape(-1, x.shape[-1]), kernel, bias, False, dtype)
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 def _operand_dtype(module: nn.Module) -> Dtype:
     """A module's matmul operand dtype: its `matmul_dtype`, or `dtype` where that is None."""
     return jnp.dtype(module.dtype if module.matmul_dtype is None else module.matmul_dtype)
@@ -137,9 +151,8 @@ class PatchStem(nn.Module):
             self, (p, p, c, self.features), ("patch_height", "patch_width", "pixels", "embed"), self.param_dtype
         )
         patches = images.astype(self.dtype).reshape(n, h // p, p, w // p, p, c).transpose(1, 3, 0, 2, 4, 5)
-        patches, kernel = patches.reshape(-1, p * p * c), kernel.reshape(-1, self.features)
-        y = _matmul(self.plain_matmuls)(patches, kernel, bias, False, _operand_dtype(self))
-        return y.reshape((h // p) * (w // p), n, self.features)
+        patches, kernel = patches.reshape(-1, n, p * p * c), kernel.reshape(-1, self.features)
+        return _over_last_axis(patches, kernel, bias, self.plain_matmuls, _operand_dtype(self))
 
 
 class Dense(nn.Module):
@@ -165,9 +178,11 @@ class Dense(nn.Module):
         width = x.shape[0] if self.leading else x.shape[-1]
         kernel, bias = _kernel_and_bias(self, (width, self.features), self.axes, self.param_dtype)
         x = x.astype(self.dtype)
-        x2d = x.reshape(width, -1) if self.leading else x.reshape(-1, width)
-        y = _matmul(self.plain_matmuls)(x2d, kernel, bias, self.leading, _operand_dtype(self))
-        return y.reshape(self.features, *x.shape[1:]) if self.leading else y.reshape(*x.shape[:-1], self.features)
+        if not self.leading:
+            return _over_last_axis(x, kernel, bias, self.plain_matmuls, _operand_dtype(self))
+        # (tokens, batch * C): the batch is the outer part of the merged axis, so it stays sharded.
+        y = _matmul(self.plain_matmuls)(x.reshape(width, -1), kernel, bias, True, _operand_dtype(self))
+        return y.reshape(self.features, *x.shape[1:])
 
 
 class MlpBlock(nn.Module):

@@ -69,6 +69,22 @@ def test_bfloat16_operands(impl, activations, leading):
         np.testing.assert_allclose(got.astype(F32), want, atol=3e-2 * scale)
 
 
+@pytest.mark.parametrize("activations", [F32, BF16])
+def test_xla_matmul_takes_leading_axes(activations):
+    """x (tokens, batch, K): the value and all three gradients of the 2-D form on merged rows (to
+    float32 rounding; with bfloat16 activations XLA may round the two programs' products apart)."""
+    tol = 1e-5 if activations == F32 else 2e-2
+    x, kernel, bias = operands(False, m=24)
+    x3 = x.reshape(4, 6, -1).astype(activations)
+    got_value, got_grads = loss(lambda *a: matmul.xla_matmul(*a, False, BF16))(x3, kernel, bias)
+    want_value, want_grads = loss(lambda *a: matmul.xla_matmul(*a, False, BF16))(x3.reshape(24, -1), kernel, bias)
+    np.testing.assert_allclose(got_value, want_value, rtol=tol)
+    assert got_grads[0].shape == x3.shape
+    for got, want in zip(got_grads, want_grads, strict=True):
+        scale = float(jnp.abs(want).max())
+        np.testing.assert_allclose(got.astype(F32).reshape(want.shape), want.astype(F32), atol=tol * scale)
+
+
 def dots(hlo: str) -> list[tuple[str, str, str, str]]:
     """(lhs type, rhs type, result type, dimension numbers) of every dot in optimized HLO text."""
     types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
