@@ -109,10 +109,10 @@ def _over_last_axis(x: jax.Array, kernel: jax.Array, bias: jax.Array, plain: boo
     """x (..., K) @ kernel (K, N) + bias -> (..., N).
 
     On GPU and TPU x keeps its axes. Merging them into rows would, on tokens-major activations
-    (tokens, batch, C) with the batch sharded, make XLA gather the whole batch on every device (4
-    activation all-gathers per data-parallel step; activation-sized all-reduces with FSDP). XLA:CPU
-    gets rows: its dot handles a transposed 2-D operand in place but copies an N-D one to form the
-    kernel gradient (S/16 float32 19% slower), and CPU meshes only emulate devices."""
+    (tokens, batch, C) with the batch sharded, make XLA gather the whole batch on every device (two
+    activation all-gathers per block in a data-parallel step; activation-sized all-reduces with
+    FSDP). XLA:CPU gets rows: its dot handles a transposed 2-D operand in place but copies an N-D
+    one to form the kernel gradient (S/16 float32 19% slower), and CPU meshes only emulate devices."""
     if not plain and jax.default_backend() != "cpu":
         return matmul.xla_matmul(x, kernel, bias, False, dtype)
     y = _matmul(plain)(x.reshape(-1, x.shape[-1]), kernel, bias, False, dtype)

@@ -123,7 +123,7 @@ def collective_sizes(hlo: str) -> list[int]:
 def test_batch_parallel_steps_move_only_weights(mesh, data_dir, monkeypatch):
     """Data parallel and FSDP: the step that GPUs and TPUs compile moves weights and gradients
     only, never activations. (Merging the tokens and the sharded batch into matmul rows made XLA
-    gather whole activations: 4 all-gathers per step in data parallel, activation-sized all-reduces
+    gather whole activations: 2 all-gathers per block in data parallel, activation-sized all-reduces
     in FSDP.) The model is built as for a GPU; XLA's partitioner is the same on every backend."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     c = small_config(data_dir, **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
