@@ -238,29 +238,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     from clu import metric_writers  # Imports TensorFlow: only the training loop needs it, not `bench`.
 
     # TensorBoard event files from process 0; the console line is the human-readable log. The writer
-    # and the checkpointer are closed however the run ends: the writer's thread stopped and its
-    # events flushed, saves in flight finished and Orbax's threads stopped.
+    # is closed (its thread stopped, its events flushed) however the run ends.
+    is_main = jax.process_index() == 0
     writer = (
-        metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
-        if jax.process_index() == 0
-        else metric_writers.MultiWriter([])
-    )
-    ckpt = checkpointing.Checkpointer(
-        f"{workdir}/checkpoints",
-        keep=config.keep_checkpoints,
-        keep_best=config.keep_best,
-        best_metric=config.best_metric,
+        metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)) if is_main else metric_writers.MultiWriter([])
     )
     try:
-        return _train_and_evaluate(config, workdir, writer, ckpt)
+        return _train_and_evaluate(config, workdir, writer)
     finally:
-        ckpt.close()
         writer.close()
 
 
-def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, writer: Any, ckpt: checkpointing.Checkpointer
-) -> dict[str, float]:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer: Any) -> dict[str, float]:
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh)
     logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), mesh.size, jax.process_count())
@@ -289,10 +278,20 @@ def _train_and_evaluate(
     # Resume from the latest complete checkpoint in the workdir (or, in eval mode, the one asked
     # for), restored straight into this mesh's shardings; or start fresh.
     abstract_sharded = checkpointing.abstract_with_shardings(abstract_state, state_shardings)
+    ckpt = checkpointing.Checkpointer(
+        f"{workdir}/checkpoints",
+        keep=config.keep_checkpoints,
+        keep_best=config.keep_best,
+        best_metric=config.best_metric,
+    )
     source, step_to_restore = (ckpt, ckpt.latest_step())
     if config.mode == "eval":
-        source, step = _eval_source(config, ckpt)
-        params = source.restore_params(step, abstract_sharded.params)
+        try:
+            source, step = _eval_source(config, ckpt)
+            params = source.restore_params(step, abstract_sharded.params)
+        except checkpointing.CheckpointError:
+            ckpt.close()
+            raise
         logging.info("restored step %d from %s", step, source.directory)
         eval_metrics = _evaluator(config, model, mesh, eval_data)(params)
         _append_jsonl(workdir, step, eval_metrics, is_main)
@@ -303,10 +302,15 @@ def _train_and_evaluate(
             eval_metrics["eval/examples"],
             eval_metrics["eval/loss"],
         )
+        ckpt.close()
         return eval_metrics
     if step_to_restore is not None:
-        _check_resumable(config, source, step_to_restore)
-        state, data_state = source.restore(step_to_restore, abstract_sharded)
+        try:
+            _check_resumable(config, source, step_to_restore)
+            state, data_state = source.restore(step_to_restore, abstract_sharded)
+        except checkpointing.CheckpointError:
+            ckpt.close()  # Stop Orbax's background threads before the program exits.
+            raise
         train_iter.set_state(data_state)
         logging.info("restored step %d from %s", step_to_restore, source.directory)
     elif config.init.path:
@@ -420,9 +424,11 @@ def _train_and_evaluate(
                 ckpt.save(step, state, train_iter.get_state(), config, metrics=eval_metrics if is_eval else None)
             if preempted and not is_last:
                 ckpt.wait()
+                ckpt.close()
                 raise Preempted(step, ckpt.directory)
 
     ckpt.wait()
+    ckpt.close()
     if not eval_metrics and first_step == config.total_steps:
         eval_metrics = evaluate(state.params)  # Re-run of a finished workdir: report, don't train.
     logging.info(
