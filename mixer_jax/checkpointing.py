@@ -58,6 +58,7 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int, keep_best: int = 0, best_metric: str = "eval/accuracy"):
         self.directory = os.path.abspath(directory)
+        self._closed = False
         policies = [checkpoint_managers.LatestN(n=keep)]
         if keep_best:
             lower_is_better = best_metric.endswith("loss")
@@ -164,7 +165,10 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        """Finishes the saves in flight and stops Orbax's threads; a second call does nothing."""
+        if not self._closed:
+            self.manager.close()
+            self._closed = True
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

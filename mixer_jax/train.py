@@ -7,6 +7,7 @@ evaluation and checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -237,19 +238,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
     from clu import metric_writers  # Imports TensorFlow: only the training loop needs it, not `bench`.
 
-    # TensorBoard event files from process 0; the console line is the human-readable log. The writer
-    # is closed (its thread stopped, its events flushed) however the run ends.
-    is_main = jax.process_index() == 0
-    writer = (
-        metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)) if is_main else metric_writers.MultiWriter([])
-    )
-    try:
-        return _train_and_evaluate(config, workdir, writer)
-    finally:
-        writer.close()
+    # However the run ends, what it opened is closed, last opened first: checkpointers finish their
+    # saves in flight and stop Orbax's threads; the writer flushes its events and stops its thread.
+    with contextlib.ExitStack() as closing:
+        # TensorBoard event files from process 0; the console line is the human-readable log.
+        writer = (
+            metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
+            if jax.process_index() == 0
+            else metric_writers.MultiWriter([])
+        )
+        closing.callback(writer.close)
+        return _train_and_evaluate(config, workdir, writer, closing)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer: Any) -> dict[str, float]:
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, writer: Any, closing: contextlib.ExitStack
+) -> dict[str, float]:
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh)
     logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), mesh.size, jax.process_count())
@@ -284,14 +288,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
         keep_best=config.keep_best,
         best_metric=config.best_metric,
     )
+    closing.callback(ckpt.close)
     source, step_to_restore = (ckpt, ckpt.latest_step())
     if config.mode == "eval":
-        try:
-            source, step = _eval_source(config, ckpt)
-            params = source.restore_params(step, abstract_sharded.params)
-        except checkpointing.CheckpointError:
-            ckpt.close()
-            raise
+        source, step = _eval_source(config, ckpt, closing)
+        params = source.restore_params(step, abstract_sharded.params)
         logging.info("restored step %d from %s", step, source.directory)
         eval_metrics = _evaluator(config, model, mesh, eval_data)(params)
         _append_jsonl(workdir, step, eval_metrics, is_main)
@@ -302,15 +303,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
             eval_metrics["eval/examples"],
             eval_metrics["eval/loss"],
         )
-        ckpt.close()
         return eval_metrics
     if step_to_restore is not None:
-        try:
-            _check_resumable(config, source, step_to_restore)
-            state, data_state = source.restore(step_to_restore, abstract_sharded)
-        except checkpointing.CheckpointError:
-            ckpt.close()  # Stop Orbax's background threads before the program exits.
-            raise
+        _check_resumable(config, source, step_to_restore)
+        state, data_state = source.restore(step_to_restore, abstract_sharded)
         train_iter.set_state(data_state)
         logging.info("restored step %d from %s", step_to_restore, source.directory)
     elif config.init.path:
@@ -424,11 +420,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
                 ckpt.save(step, state, train_iter.get_state(), config, metrics=eval_metrics if is_eval else None)
             if preempted and not is_last:
                 ckpt.wait()
-                ckpt.close()
                 raise Preempted(step, ckpt.directory)
 
     ckpt.wait()
-    ckpt.close()
     if not eval_metrics and first_step == config.total_steps:
         eval_metrics = evaluate(state.params)  # Re-run of a finished workdir: report, don't train.
     logging.info(
@@ -457,7 +451,6 @@ def _check_finite(fetched: list[dict[str, np.ndarray]], first_step: int, ckpt: c
     for i, m in enumerate(fetched):
         if not (np.isfinite(m["train/loss"]) and np.isfinite(m["train/grad_norm"])):
             ckpt.wait()  # Saves in flight hold good states: let them finish.
-            ckpt.close()
             good = ckpt.all_steps()
             last = f"step {max(good)} in {ckpt.directory}" if good else "none yet"
             raise NonFiniteError(
@@ -503,7 +496,9 @@ def _fewshot_evaluator(config: ml_collections.ConfigDict, model: models.MlpMixer
     )
 
 
-def _eval_source(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointer):
+def _eval_source(
+    config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointer, closing: contextlib.ExitStack
+) -> tuple[checkpointing.Checkpointer, int]:
     """(checkpointer, step) named by `eval_checkpoint`: "" (the latest in --workdir), a workdir, a
     checkpoints directory, or one step's directory."""
     path = os.path.abspath(config.eval_checkpoint) if config.eval_checkpoint else ckpt.directory
@@ -514,7 +509,10 @@ def _eval_source(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpoi
         path = os.path.join(path, "checkpoints")
     if not os.path.isdir(path):
         raise checkpointing.CheckpointError(f"config key 'eval_checkpoint': {path} does not exist.")
-    source = ckpt if path == ckpt.directory else checkpointing.Checkpointer(path, keep=config.keep_checkpoints)
+    source = ckpt
+    if path != ckpt.directory:
+        source = checkpointing.Checkpointer(path, keep=config.keep_checkpoints)
+        closing.callback(source.close)
     step = source.latest_step() if step is None else step
     if step is None or step not in source.all_steps():
         raise checkpointing.CheckpointError(

@@ -203,8 +203,11 @@ def good_workdir(data_dir, tmp_path_factory):
 
 
 def _truncate(workdir):
+    # The largest of the array-data files (in an OCDBT `d/` directory): how many there are, and so
+    # whether the largest file of all is one, depends on the writer's timing.
     state = os.path.join(workdir, "checkpoints", "8", "state")
-    victim = max((os.path.join(r, f) for r, _, fs in os.walk(state) for f in fs), key=os.path.getsize)
+    data = [os.path.join(r, f) for r, _, fs in os.walk(state) if os.path.basename(r) == "d" for f in fs]
+    victim = max(data, key=os.path.getsize)
     with open(victim, "r+b") as f:
         f.truncate(os.path.getsize(victim) // 2)
 
@@ -281,6 +284,34 @@ def test_bad_checkpoint_is_refused(case, good_workdir, data_dir, tmp_path):
         train.train_and_evaluate(base_config(data_dir, **({"total_steps": 12} | overrides)), workdir)
     assert fragment in str(refused.value)
     assert_untouched(workdir, step4, after_corruption)
+
+
+def test_an_error_mid_run_closes_every_checkpointer(data_dir, tmp_path, monkeypatch):
+    """An unforeseen error (here: the metrics log fails at step 5, with step 4's save in flight)
+    still finishes that save and closes every checkpointer the run opened."""
+    opened, closed = [], []
+    init, close, append = checkpointing.Checkpointer.__init__, checkpointing.Checkpointer.close, train._append_jsonl
+
+    def tracked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        opened.append(self)
+
+    def tracked_close(self):
+        closed.append(self)
+        close(self)
+
+    def failing_append(workdir, step, metrics, is_main):
+        if step == 5:
+            raise OSError("disk full")
+        append(workdir, step, metrics, is_main)
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "__init__", tracked_init)
+    monkeypatch.setattr(checkpointing.Checkpointer, "close", tracked_close)
+    monkeypatch.setattr(train, "_append_jsonl", failing_append)
+    with pytest.raises(OSError, match="disk full"):
+        train.train_and_evaluate(base_config(data_dir, total_steps=8), str(tmp_path))
+    assert opened and {id(c) for c in opened} <= {id(c) for c in closed}
+    assert checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=2).all_steps() == [4]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
