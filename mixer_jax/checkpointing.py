@@ -56,7 +56,18 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-    def __init__(self, directory: str, *, keep: int, keep_best: int = 0, best_metric: str = "eval/accuracy"):
+    """A run's checkpoints directory. `read_only`: restores only, and leaves the directory as it
+    is (a training run's checkpointer removes unfinished saves when it opens)."""
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        keep: int,
+        keep_best: int = 0,
+        best_metric: str = "eval/accuracy",
+        read_only: bool = False,
+    ):
         self.directory = os.path.abspath(directory)
         self._closed = False
         policies = [checkpoint_managers.LatestN(n=keep)]
@@ -72,9 +83,10 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                create=True,
+                create=not read_only,
+                read_only=read_only,
                 enable_async_checkpointing=True,
-                cleanup_tmp_directories=True,
+                cleanup_tmp_directories=not read_only,
                 preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             ),
         )
@@ -116,8 +128,9 @@ class Checkpointer:
         mismatch = describe_mismatch(os.path.join(self.directory, str(step), "state"), abstract_state)
         if mismatch:
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} does not fit this model: {mismatch}. Resume it with "
-                f"the config it was written with (saved in {self.directory}/{step}/config), or use a new --workdir."
+                f"checkpoint step {step} in {self.directory} does not fit this model and optimizer: {mismatch}. "
+                f"Resume it with the config it was written with (saved in {self.directory}/{step}/config), or "
+                f"start a new --workdir from its weights with --config.init.path={self.directory}/{step}."
             )
         try:
             restored = self.manager.restore(
@@ -190,16 +203,25 @@ def describe_mismatch(state_dir: str, abstract_state: Any) -> str:
         metadata = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
     except Exception:
         return ""  # Unreadable metadata: reported by the restore itself.
-    saved = {k: v for k, v in _flat_shapes(metadata).items() if k.startswith("params/")}
-    wanted = {k: v for k, v in _flat_shapes(abstract_state).items() if k.startswith("params/")}
+    # The parameters, and the optimizer state when the whole state is restored. (The rng key is
+    # stored as its raw (2,) words.)
+    tops = {"params", "opt_state"}
+    wanted = {k: v for k, v in _flat_shapes(abstract_state).items() if k.split("/")[0] in tops}
+    saved = {k: v for k, v in _flat_shapes(metadata).items() if k.split("/")[0] in tops}
+    if not any(k.startswith("opt_state/") for k in wanted):
+        saved = {k: v for k, v in saved.items() if k.startswith("params/")}
+
+    def ordered(keys):  # The parameters first: they name the model; the optimizer state follows them.
+        return sorted(keys, key=lambda k: (not k.startswith("params/"), k))
+
     parts = []
-    if only := sorted(set(saved) - set(wanted)):
+    if only := ordered(set(saved) - set(wanted)):
         parts.append(f"only in the checkpoint: {', '.join(only[:8])}{' ...' if len(only) > 8 else ''}")
-    if only := sorted(set(wanted) - set(saved)):
+    if only := ordered(set(wanted) - set(saved)):
         parts.append(f"only in the model: {', '.join(only[:8])}{' ...' if len(only) > 8 else ''}")
     shapes = [
         f"{k} {saved[k]} in the checkpoint vs {wanted[k]} in the model"
-        for k in sorted(saved)
+        for k in ordered(saved)
         if k in wanted and saved[k] != wanted[k]
     ]
     if shapes:
@@ -257,8 +279,16 @@ class Preemption:
     def __init__(self):
         self.requested = threading.Event()
         self.multiprocess = jax.process_count() > 1
+        self._previous = None
         if not self.multiprocess and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
+
+    def close(self) -> None:
+        """Puts back the SIGTERM handler that was there before (in a notebook or sweep the process
+        lives on after the run)."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
     def reached(self, call_id: int) -> bool:
         """`call_id`: a counter that every process advances by one per train call."""
@@ -274,7 +304,9 @@ def load_state_numpy(directory: str, step: int | None = None) -> tuple[int, dict
 
     `directory` is a checkpoints directory; `step` defaults to the latest complete one.
     """
-    manager = ocp.CheckpointManager(os.path.abspath(directory))
+    manager = ocp.CheckpointManager(
+        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+    )
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {directory}")

@@ -48,6 +48,11 @@ def initialize_distributed() -> None:
     import jax
 
     explicit = _COORDINATOR.value is not None
+    if not explicit and (_NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None):
+        _fail(
+            "--num_processes and --process_id (or MIXER_NUM_PROCESSES, MIXER_PROCESS_ID) need "
+            "--coordinator_address (or MIXER_COORDINATOR_ADDRESS) as well: HOST:PORT of process 0."
+        )
     slurm = os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1
     tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if not (explicit or slurm or tpu_pod or os.environ.get("MIXER_DISTRIBUTED") == "1"):

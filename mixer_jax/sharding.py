@@ -81,10 +81,68 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def put_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, *, stacked: bool = False) -> dict[str, jax.Array]:
-    """This process's slice of the global batch -> global arrays sharded over the batch axes.
+def batch_slice(mesh: Mesh, batch_size: int, process_index: int | None = None) -> tuple[int, int]:
+    """(index, count): the process's devices hold slice `index` of `count` equal, contiguous slices
+    of each global batch of `batch_size` rows; its input pipeline reads that slice.
+
+    Processes whose devices hold the same rows (the batch replicated across processes, as when
+    `tensor` spans them) get the same slice and read the same examples.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    rows = batch_sharding(mesh).devices_indices_map((batch_size,))
+    return slice_of_process(
+        {(d.process_index, *rows[d][0].indices(batch_size)[:2]) for d in mesh.devices.flat}, batch_size, process_index
+    )
+
+
+def slice_of_process(device_rows: set[tuple[int, int, int]], batch_size: int, process_index: int) -> tuple[int, int]:
+    """`batch_slice` from each device's (process, first row, end row)."""
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for process, start, stop in sorted(device_rows):
+        spans.setdefault(process, []).append((start, stop))
+    ranges = {}
+    for process, held in spans.items():
+        lo, hi = held[0][0], max(stop for _, stop in held)
+        if sum(stop - start for start, stop in _merged(held)) != hi - lo:
+            raise ValueError(
+                f"process {process} holds rows {held} of the batch, not one contiguous slice; order the mesh's "
+                "devices process by process along the batch axes (config keys 'mesh.data', 'mesh.fsdp')."
+            )
+        ranges[process] = (lo, hi)
+    slices = sorted(set(ranges.values()))
+    width = batch_size // len(slices)
+    if any(hi - lo != width or lo != i * width for i, (lo, hi) in enumerate(slices)):
+        raise ValueError(
+            f"the processes hold batch rows {slices} of {batch_size}: not equal slices that tile it; make "
+            "mesh.data x mesh.fsdp a multiple of the process count or a divisor of it."
+        )
+    return slices.index(ranges[process_index]), len(slices)
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted half-open row ranges with overlaps (replicas) merged."""
+    out: list[tuple[int, int]] = []
+    for start, stop in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], stop))
+        else:
+            out.append((start, stop))
+    return out
+
+
+def put_batch(
+    local_batch: dict[str, np.ndarray], mesh: Mesh, *, batch_size: int, stacked: bool = False
+) -> dict[str, jax.Array]:
+    """This process's slice of the global batch (`batch_slice`) -> global arrays of `batch_size` rows,
+    sharded over the batch axes. Processes that share a slice must pass the same rows.
 
     `stacked`: the leaves lead with an axis of steps, kept whole, before the batch axis.
     """
     sharding = stacked_batch_sharding(mesh) if stacked else batch_sharding(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+    axis = int(stacked)
+
+    def put(x: np.ndarray) -> jax.Array:
+        global_shape = x.shape[:axis] + (batch_size,) + x.shape[axis + 1 :]
+        return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+    return jax.tree.map(put, local_batch)

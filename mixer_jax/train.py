@@ -219,7 +219,7 @@ def _evaluator(config: ml_collections.ConfigDict, model: models.MlpMixer, mesh: 
     def evaluate(params: Any) -> dict[str, float]:
         totals = None
         for local_batch in eval_data:
-            out = eval_step(params, sharding.put_batch(local_batch, mesh))
+            out = eval_step(params, sharding.put_batch(local_batch, mesh, batch_size=config.batch_size))
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
         totals = jax.device_get(totals)
         count = int(totals["count"])
@@ -265,7 +265,9 @@ def _train_and_evaluate(
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("dataset prepared")
-    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    # Each process reads the slice of every global batch that its devices hold.
+    index, count = sharding.batch_slice(mesh, config.batch_size)
+    shard = dict(process_index=index, process_count=count)
     train_iter = pipeline.make_train(config, **shard)
     eval_data = pipeline.make_eval(config, **shard)
 
@@ -282,16 +284,8 @@ def _train_and_evaluate(
     # Resume from the latest complete checkpoint in the workdir (or, in eval mode, the one asked
     # for), restored straight into this mesh's shardings; or start fresh.
     abstract_sharded = checkpointing.abstract_with_shardings(abstract_state, state_shardings)
-    ckpt = checkpointing.Checkpointer(
-        f"{workdir}/checkpoints",
-        keep=config.keep_checkpoints,
-        keep_best=config.keep_best,
-        best_metric=config.best_metric,
-    )
-    closing.callback(ckpt.close)
-    source, step_to_restore = (ckpt, ckpt.latest_step())
     if config.mode == "eval":
-        source, step = _eval_source(config, ckpt, closing)
+        source, step = _eval_source(config, f"{workdir}/checkpoints", closing)
         params = source.restore_params(step, abstract_sharded.params)
         logging.info("restored step %d from %s", step, source.directory)
         eval_metrics = _evaluator(config, model, mesh, eval_data)(params)
@@ -304,11 +298,19 @@ def _train_and_evaluate(
             eval_metrics["eval/loss"],
         )
         return eval_metrics
+    ckpt = checkpointing.Checkpointer(
+        f"{workdir}/checkpoints",
+        keep=config.keep_checkpoints,
+        keep_best=config.keep_best,
+        best_metric=config.best_metric,
+    )
+    closing.callback(ckpt.close)
+    step_to_restore = ckpt.latest_step()
     if step_to_restore is not None:
-        _check_resumable(config, source, step_to_restore)
-        state, data_state = source.restore(step_to_restore, abstract_sharded)
+        _check_resumable(config, ckpt, step_to_restore)
+        state, data_state = ckpt.restore(step_to_restore, abstract_sharded)
         train_iter.set_state(data_state)
-        logging.info("restored step %d from %s", step_to_restore, source.directory)
+        logging.info("restored step %d from %s", step_to_restore, ckpt.directory)
     elif config.init.path:
         state = state_from_weights(config, model, tx, state_shardings, base_rng)
         logging.info("initialised from %s%s", config.init.path, " with a new head" if config.init.new_head else "")
@@ -331,6 +333,7 @@ def _train_and_evaluate(
     train_start = time.perf_counter()
     eval_metrics: dict[str, float] = {}
     preemption = checkpointing.Preemption()
+    closing.callback(preemption.close)
     logging.info("training from step %d to %d", first_step, config.total_steps)
 
     def publish(step: int, metrics: dict[str, float]) -> None:
@@ -347,7 +350,9 @@ def _train_and_evaluate(
             # Calls end on multiples of per_call, which divides every period, and at total_steps.
             n = min(per_call - step % per_call, config.total_steps - step)
             local = [next(train_iter) for _ in range(n)]
-            batches = sharding.put_batch(jax.tree.map(lambda *x: np.stack(x), *local), mesh, stacked=True)
+            batches = sharding.put_batch(
+                jax.tree.map(lambda *x: np.stack(x), *local), mesh, batch_size=config.batch_size, stacked=True
+            )
             with jax.transfer_guard("disallow"):  # The call's one transfer is above; nothing waits.
                 state, metrics = train_steps(state, batches)
             step, calls = step + n, calls + 1
@@ -463,12 +468,12 @@ def _check_finite(fetched: list[dict[str, np.ndarray]], first_step: int, ckpt: c
 
 def _check_resumable(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointer, step: int) -> None:
     """Refuses a checkpoint past the run's end, or written with another config."""
-    if config.mode == "train" and step > config.total_steps:
+    if step > config.total_steps:
         raise checkpointing.CheckpointError(
             f"checkpoint step {step} in {ckpt.directory} is past total_steps={config.total_steps}: raise "
             "--config.total_steps to continue it, or use a new --workdir."
         )
-    if config.allow_config_change or config.mode == "eval":
+    if config.allow_config_change:
         return
     diff = checkpointing.config_diff(ckpt.saved_config(step), config)
     if diff:
@@ -497,22 +502,22 @@ def _fewshot_evaluator(config: ml_collections.ConfigDict, model: models.MlpMixer
 
 
 def _eval_source(
-    config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointer, closing: contextlib.ExitStack
+    config: ml_collections.ConfigDict, checkpoints: str, closing: contextlib.ExitStack
 ) -> tuple[checkpointing.Checkpointer, int]:
-    """(checkpointer, step) named by `eval_checkpoint`: "" (the latest in --workdir), a workdir, a
-    checkpoints directory, or one step's directory."""
-    path = os.path.abspath(config.eval_checkpoint) if config.eval_checkpoint else ckpt.directory
+    """(checkpointer, step) named by `eval_checkpoint`: "" (the latest in `checkpoints`, the
+    workdir's), a workdir, a checkpoints directory, or one step's directory. Opened read-only: they
+    may be a live run's, whose saves in flight must survive."""
+    path = os.path.abspath(config.eval_checkpoint or checkpoints)
     step = None
-    if os.path.basename(path).isdigit():
-        path, step = os.path.dirname(path), int(os.path.basename(path))
-    elif os.path.isdir(os.path.join(path, "checkpoints")):
+    if os.path.isdir(os.path.join(path, "checkpoints")):  # A workdir, whatever its name.
         path = os.path.join(path, "checkpoints")
+    elif os.path.basename(path).isdigit():
+        path, step = os.path.dirname(path), int(os.path.basename(path))
     if not os.path.isdir(path):
-        raise checkpointing.CheckpointError(f"config key 'eval_checkpoint': {path} does not exist.")
-    source = ckpt
-    if path != ckpt.directory:
-        source = checkpointing.Checkpointer(path, keep=config.keep_checkpoints)
-        closing.callback(source.close)
+        key = "config key 'eval_checkpoint'" if config.eval_checkpoint else "--workdir"
+        raise checkpointing.CheckpointError(f"{key}: {path} does not exist; there is no checkpoint to evaluate.")
+    source = checkpointing.Checkpointer(path, keep=config.keep_checkpoints, read_only=True)
+    closing.callback(source.close)
     step = source.latest_step() if step is None else step
     if step is None or step not in source.all_steps():
         raise checkpointing.CheckpointError(

@@ -239,6 +239,11 @@ BAD = {
         },
         "params/head/bias (10,) in the checkpoint vs (7,) in the model",
     ),
+    "another optimizer, changes allowed": (
+        lambda w: None,
+        {"optim.name": "sgd", "allow_config_change": True},
+        "only in the checkpoint: opt_state/1/0/count, opt_state/1/0/mu/",
+    ),
     "garbage in the metadata": (_garbage_metadata, {}, "step 8"),
     "past total_steps": (lambda w: None, {"total_steps": 6}, "checkpoint step 8 in"),
 }
@@ -286,9 +291,31 @@ def test_bad_checkpoint_is_refused(case, good_workdir, data_dir, tmp_path):
     assert_untouched(workdir, step4, after_corruption)
 
 
-def test_an_error_mid_run_closes_every_checkpointer(data_dir, tmp_path, monkeypatch):
+def test_eval_leaves_a_live_run_alone(good_workdir, data_dir, tmp_path):
+    """mode=eval on another run's workdir (named like a step: 7) evaluates its latest step and leaves
+    its checkpoints as they are, the save it has in flight included."""
+    live = tmp_path / "7"
+    shutil.copytree(good_workdir, live)
+    in_flight = live / "checkpoints" / "12.orbax-checkpoint-tmp-1700000000"
+    in_flight.mkdir()
+    (in_flight / "part").write_text("written so far")
+    before = tree_hashes(live / "checkpoints")
+    evaluation = tmp_path / "eval"
+    config = base_config(data_dir, mode="eval", eval_checkpoint=str(live))
+    metrics = train.train_and_evaluate(config, str(evaluation))
+    assert metrics["eval/examples"] == 360 and tree_hashes(live / "checkpoints") == before
+    with open(evaluation / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [8]
+    assert not (evaluation / "checkpoints").exists()
+    config.eval_checkpoint = str(tmp_path / "nope")
+    with pytest.raises(checkpointing.CheckpointError, match="config key 'eval_checkpoint': .*/nope does not exist"):
+        train.train_and_evaluate(config, str(evaluation))
+
+
+def test_an_error_mid_run_closes_what_the_run_opened(data_dir, tmp_path, monkeypatch):
     """An unforeseen error (here: the metrics log fails at step 5, with step 4's save in flight)
-    still finishes that save and closes every checkpointer the run opened."""
+    still finishes that save, closes every checkpointer and puts back the SIGTERM handler."""
+    sigterm = signal.getsignal(signal.SIGTERM)
     opened, closed = [], []
     init, close, append = checkpointing.Checkpointer.__init__, checkpointing.Checkpointer.close, train._append_jsonl
 
@@ -311,6 +338,7 @@ def test_an_error_mid_run_closes_every_checkpointer(data_dir, tmp_path, monkeypa
     with pytest.raises(OSError, match="disk full"):
         train.train_and_evaluate(base_config(data_dir, total_steps=8), str(tmp_path))
     assert opened and {id(c) for c in opened} <= {id(c) for c in closed}
+    assert signal.getsignal(signal.SIGTERM) is sigterm
     assert checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=2).all_steps() == [4]
 
 

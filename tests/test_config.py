@@ -50,6 +50,7 @@ BAD = [
     (["--config.model.pretrain_image_size=12", "--config.init.path=/"], ["pretrain_image_size 12", "integer"]),
     (["--config.fewshot.datasets=digits", "--config.fewshot.shots=5,0"], ["'fewshot.shots' is '5,0'"]),
     (["--config.input.pp_eval=resize(16)|value_range|onehot(10)|mixup(0.2)"], ["mixup(0.2)", "'input.pp_train'"]),
+    (["--num_processes=2", "--process_id=1"], ["--num_processes and --process_id", "need --coordinator_address"]),
 ]
 
 

@@ -159,6 +159,32 @@ def test_gradient_accumulation_matches_large_batch(data_dir, tmp_path):
     assert_trees_close(params(tmp_path / "accum"), params(tmp_path / "large"))
 
 
+def rows_of(processes, rows_per_device):
+    """(process, first row, end row) for devices laid out process by process along the batch."""
+    return {(p, i * rows_per_device, (i + 1) * rows_per_device) for i, p in enumerate(processes)}
+
+
+@pytest.mark.parametrize(
+    "device_rows, want",
+    [
+        # 2 processes x 4 devices, the batch split 8 ways: halves.
+        (rows_of([0, 0, 0, 0, 1, 1, 1, 1], 4), [(0, 2), (1, 2)]),
+        # mesh (1, 1, 8): tensor parallel across both processes, every device holds the whole batch.
+        ({(p, 0, 32) for p in (0, 1)}, [(0, 1), (0, 1)]),
+        # 4 processes x 2 devices, mesh (2, 1, 4): processes 0-1 and 2-3 share a half.
+        ({(0, 0, 16), (1, 0, 16), (2, 16, 32), (3, 16, 32)}, [(0, 2), (0, 2), (1, 2), (1, 2)]),
+    ],
+)
+def test_batch_slice_of_each_process(device_rows, want):
+    assert [sharding.slice_of_process(device_rows, 32, p) for p in range(len(want))] == want
+
+
+def test_batch_slice_refuses_interleaved_processes():
+    with pytest.raises(ValueError, match="process 0 holds rows .* not one contiguous slice"):
+        sharding.slice_of_process(rows_of([0, 1, 0, 1], 8), 32, 0)
+    assert sharding.batch_slice(sharding.make_mesh(small_config("").mesh), 32) == (0, 1)
+
+
 def port_is_free(port):
     with socket.socket() as s:
         try:
@@ -208,8 +234,13 @@ def test_two_processes_match_one(eight_device_run, data_dir, tmp_path):
     assert_trees_close(jax.device_get(state.params), params(eight_device_run))
 
 
+TENSOR_8 = {"mesh.data": 1, "mesh.tensor": 8}
+
+
 def test_slurm_environment_on_loopback(eight_device_run, data_dir, tmp_path):
-    """Two processes that know only SLURM's variables find each other through jax's auto-detection."""
+    """Two processes that know only SLURM's variables find each other through jax's auto-detection.
+    The mesh is (1, 1, 8): tensor parallel across both, so both hold the whole batch and must read
+    the same examples (each read its own half before: other losses, and half the eval examples)."""
     workdir = str(tmp_path / "run")
     job_id = next(j for j in np.random.default_rng().permutation(2**12) if port_is_free(j + 65535 - 2**12 + 1))
     procs = []
@@ -226,7 +257,12 @@ def test_slurm_environment_on_loopback(eight_device_run, data_dir, tmp_path):
         }
         procs.append(
             subprocess.Popen(
-                ["python", "-m", "mixer_jax.main", *cli_args(data_dir, workdir, total_steps=5, schedule="constant")],
+                [
+                    "python",
+                    "-m",
+                    "mixer_jax.main",
+                    *cli_args(data_dir, workdir, total_steps=5, schedule="constant", **TENSOR_8),
+                ],
                 cwd=REPO,
                 env=dict(os.environ, **env),
                 stdout=subprocess.PIPE,
