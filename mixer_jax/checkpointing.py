@@ -308,12 +308,15 @@ def load_state_numpy(directory: str, step: int | None = None) -> tuple[int, dict
         os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True, create=False)
     )
     step = manager.latest_step() if step is None else step
+    path = os.path.join(manager.directory, str(step), "state")
+    manager.close()
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {directory}")
-    path = os.path.join(manager.directory, str(step), "state")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint step {step} in {directory} has no state")
+    _silence_late_reads()
     checkpointer = ocp.PyTreeCheckpointer()
     metadata = checkpointer.metadata(path).item_metadata.tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
     state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    manager.close()
     return step, state

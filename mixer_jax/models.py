@@ -384,10 +384,15 @@ class MlpMixer(nn.Module):
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not divisible by patch {p}")
-        if (h // p) * (w // p) != self.num_tokens:
+        if (h, w) != (self.image_size, self.image_size):
+            fix = (
+                f"create it with image_size={h}"
+                if h == w
+                else f"resize the images to {self.image_size}x{self.image_size}"
+            )
             raise ValueError(
-                f"images of {h}x{w} give {(h // p) * (w // p)} tokens, but the model was built for "
-                f"image_size {self.image_size} ({self.num_tokens} tokens): create it with image_size={h}"
+                f"images of {h}x{w} give a {h // p}x{w // p} grid of tokens, but the model was built for "
+                f"image_size {self.image_size} (a {self.image_size // p}x{self.image_size // p} grid): {fix}"
             )
         # Tokens-major (tokens, batch, channels) from the stem on, through the blocks.
         x = PatchStem(
@@ -397,15 +402,17 @@ class MlpMixer(nn.Module):
         x = _layer_norm(self.dtype, self.param_dtype, self.recompute_layer_norm, name="pre_head_layer_norm")(x)
         x = jnp.mean(x, axis=0)
         self.sow("intermediates", "pre_logits", x)
-        x = _dense(
+        # The head runs in float32 whatever the compute dtype: bfloat16 logits would carry 8 bits into
+        # the loss, and the head's gradients (its bias's: a sum over the batch) would be bfloat16
+        # too. It is one small matmul per image.
+        return _dense(
             self.num_classes,
             ("embed", "classes"),
-            self.dtype,
+            jnp.float32,
             self.param_dtype,
             kernel_init=nn.initializers.zeros_init(),
             name="head",
-        )(x)
-        return x.astype(jnp.float32)
+        )(x.astype(jnp.float32))
 
     def _blocks(self, x: jax.Array, train: bool) -> jax.Array:
         """The Mixer blocks: a Python loop (`MixerBlock_{i}`, the official layout) or one `nn.scan`

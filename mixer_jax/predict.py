@@ -99,16 +99,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data_dir", default="", help="TFDS data_dir for --labels=TFDS_NAME")
     parser.add_argument("--top", type=int, default=5)
     parser.add_argument("--crop_fraction", type=float, default=CROP_FRACTION)
-    parser.add_argument("--gelu_exact", action="store_true", help="exact GELU (timm-trained weights)")
+    parser.add_argument(
+        "--gelu_exact", action="store_true", help="exact GELU (timm-trained weights; a checkpoint's saved config says)"
+    )
     parser.add_argument("images", nargs="+")
     args = parser.parse_args(argv)
+    if not 0 < args.crop_fraction <= 1:
+        parser.error(f"--crop_fraction={args.crop_fraction} must lie in (0, 1]; timm's is {CROP_FRACTION}")
+    if args.top < 1:
+        parser.error(f"--top={args.top} must be at least 1")
     try:
         flat = weights.read(args.weights)
-        model = weights.model_for(flat, args.variant, image_size=args.image_size, gelu_approximate=not args.gelu_exact)
+        # A checkpoint of this trainer knows its GELU; weights files do not (official: tanh).
+        approximate = not args.gelu_exact and weights.saved_model_config(args.weights).get("gelu_approximate", True)
+        model = weights.model_for(flat, args.variant, image_size=args.image_size, gelu_approximate=approximate)
         params = weights.convert(flat, model, source=args.weights)
         names = label_names(args.labels, model.num_classes, args.data_dir)
         images = np.stack([load_image(p, model.image_size, args.crop_fraction) for p in args.images])
-    except (weights.WeightsError, LabelsError, OSError) as e:
+    except (weights.WeightsError, LabelsError, OSError, ValueError) as e:  # ValueError: e.g. --variant=X/4.
         print(f"mixer_jax.predict: error: {e}", file=sys.stderr)
         return 2
     probs = predict(params, model, images)

@@ -170,7 +170,8 @@ def timm_to_official(state_dict: Mapping[str, np.ndarray], source: str = "state 
             value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
         out[name] = np.ascontiguousarray(value)
     expected = {t.replace("{i}", str(i)) for o, t in _TIMM_NAMES for i in range(max(_num_blocks(out), 1))}
-    missing = sorted(expected - set(state_dict), key=_natural)
+    # A headless export (`num_classes=0`) is whole: `new_head` fine-tuning needs no head.
+    missing = sorted(expected - set(state_dict) - {"head.weight", "head.bias"}, key=_natural)
     if unexpected or missing:
         raise WeightsError(
             f"{source} is not a timm MlpMixer state dict: "
@@ -276,17 +277,41 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
 
 
+def _orbax_location(path: str) -> tuple[str, int | None]:
+    """(checkpoints directory, step or None for the latest) of a workdir, checkpoints/ or one STEP."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):  # A workdir.
+        return os.path.join(path, "checkpoints"), None
+    if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):  # One step.
+        return os.path.dirname(path), int(os.path.basename(path))
+    return path, None
+
+
+def saved_model_config(path: str) -> dict[str, Any]:
+    """The `model` config saved with the Orbax checkpoint at `path` (as `read` takes it); {} for a
+    weights file or a checkpoint without a readable config."""
+    if not os.path.isdir(path):
+        return {}
+    from mixer_jax import checkpointing
+
+    directory, step = _orbax_location(path)
+    if not os.path.isdir(directory):
+        return {}
+    ckpt = checkpointing.Checkpointer(directory, keep=1, read_only=True)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        return dict(ckpt.saved_config(step).get("model", {})) if step is not None else {}
+    except checkpointing.CheckpointError:
+        return {}
+    finally:
+        ckpt.close()
+
+
 def _read_orbax(path: str) -> dict[str, np.ndarray]:
     from mixer_jax import checkpointing
 
     path = os.path.abspath(path)
-    step = None
-    if os.path.isdir(os.path.join(path, "checkpoints")):  # A workdir.
-        directory = os.path.join(path, "checkpoints")
-    elif os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):  # One step.
-        directory, step = os.path.dirname(path), int(os.path.basename(path))
-    else:
-        directory = path
+    directory, step = _orbax_location(path)
     from absl import logging
 
     verbosity = logging.get_verbosity()
@@ -296,6 +321,12 @@ def _read_orbax(path: str) -> dict[str, np.ndarray]:
     except FileNotFoundError as e:
         raise WeightsError(
             f"no Orbax checkpoint in {path} ({e}); pass a workdir, its checkpoints/ directory or checkpoints/STEP"
+        ) from None
+    except Exception as e:  # Orbax and TensorStore raise many kinds for a damaged checkpoint.
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise WeightsError(
+            f"the Orbax checkpoint in {path} is unreadable ({reason}); pass another step's directory "
+            "(checkpoints/STEP) or another checkpoint"
         ) from None
     finally:
         logging.set_verbosity(verbosity)
@@ -324,8 +355,10 @@ def convert(
 ) -> dict[str, Any]:
     """Official flat weights -> numpy params for `model` (see `load`)."""
     target = model_shapes(model)
-    missing = sorted(set(target) - set(flat), key=_natural)
+    missing = sorted(set(target) - set(flat) - (set(HEAD_KEYS) if new_head else set()), key=_natural)
     unexpected = sorted(set(flat) - set(target), key=_natural)
+    if set(missing) == set(HEAD_KEYS) and not unexpected:
+        raise WeightsError(f"{source} has no head; pass new_head=True (config init.new_head=True) for a new zero head")
     if missing or unexpected:
         raise WeightsError(
             f"{source} does not fit the model ({_num_blocks(flat)} blocks stored, the model has "
@@ -446,7 +479,7 @@ def architecture(flat: Mapping[str, np.ndarray]) -> dict[str, int]:
         tokens, tokens_mlp_dim = flat["MixerBlock_0/token_mixing/Dense_0/kernel"].shape
         channels_mlp_dim = flat["MixerBlock_0/channel_mixing/Dense_0/kernel"].shape[1]
         num_classes = flat["head/kernel"].shape[1]
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, IndexError) as e:
         raise WeightsError(f"the weights are not an MLP-Mixer's (no or odd {e})") from None
     return dict(
         patch_size=patch,

@@ -142,6 +142,28 @@ def test_image_size_errors():
         model.apply({"params": params}, jnp.zeros((1, 32, 32, 3)))
     with pytest.raises(ValueError, match="not divisible by patch 4"):
         model.apply({"params": params}, jnp.zeros((1, 18, 18, 3)))
+    # As many tokens (2x8) as the model's 4x4 grid, but not its grid.
+    with pytest.raises(ValueError, match="a 2x8 grid .* resize the images to 16x16"):
+        model.apply({"params": params}, jnp.zeros((1, 8, 32, 3)))
+
+
+def test_bfloat16_compute_keeps_the_head_in_float32():
+    """The logits and the head's gradients are float32 sums, not rounded to bfloat16: the head bias's
+    gradient is the batch mean of softmax - labels, computed here in float64 from the same logits."""
+    model = models.create("Mu/4", num_classes=10, image_size=16, dtype=jnp.bfloat16)
+    params = random_params(model, 16, scale=0.5)
+    labels = jax.nn.one_hot(np.arange(64) % 10, 10)
+
+    def loss(p):
+        logits = model.apply({"params": p}, images(64, 16))
+        return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), -1)), logits
+
+    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    logits = np.asarray(logits, np.float64)
+    assert np.any(logits != np.asarray(logits.astype(jnp.bfloat16), np.float64))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.mean(probs / probs.sum(-1, keepdims=True) - labels, 0)
+    np.testing.assert_allclose(grads["head"]["bias"], want, rtol=1e-5, atol=1e-7)
 
 
 def test_create_errors():

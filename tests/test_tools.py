@@ -1,5 +1,6 @@
 """predict and visualize on real files: JPEG/PNG inputs of odd sizes, PNG outputs checked for size and content."""
 
+import json
 import os
 import re
 import shutil
@@ -72,6 +73,33 @@ def test_predict_top5_with_label_sources(workdir, images, data_dir, tmp_path, ca
     assert predict.main([f"--weights={workdir}", "--labels=imagenet2012", images[1]]) == 2
     assert "has 1000 class names, but the model has 10 classes" in capsys.readouterr().err
     assert predict.label_names("imagenet2012", 1000)[:2] == ["n01440764", "n01443537"]
+
+
+def test_predict_takes_the_checkpoints_gelu_and_checks_its_arguments(workdir, images, tmp_path, capsys, monkeypatch):
+    """A checkpoint saved with exact GELU predicts with it, as --gelu_exact asks for on any weights."""
+    seen = []
+
+    def record(params, model, batch):
+        seen.append(model.gelu_approximate)
+        return np.full((len(batch), model.num_classes), 1 / model.num_classes)
+
+    monkeypatch.setattr(predict, "predict", record)
+    exact = tmp_path / "exact"
+    shutil.copytree(workdir, exact, ignore=shutil.ignore_patterns("events.*"))
+    step = max((d for d in os.listdir(exact / "checkpoints") if d.isdigit()), key=int)
+    saved = exact / "checkpoints" / step / "config" / "metadata"
+    config = json.loads(saved.read_text())
+    assert config["model"]["gelu_approximate"] is True
+    config["model"]["gelu_approximate"] = False
+    saved.write_text(json.dumps(config))
+    for args in ([f"--weights={workdir}"], [f"--weights={workdir}", "--gelu_exact"], [f"--weights={exact}"]):
+        assert predict.main([*args, images[0]]) == 0
+    assert seen == [True, False, False]
+    assert predict.main([f"--weights={workdir}", "--variant=X/4", images[0]]) == 2
+    assert "unknown model variant 'X/4'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict.main([f"--weights={workdir}", "--crop_fraction=0", images[0]])
+    assert "--crop_fraction=0.0 must lie in (0, 1]" in capsys.readouterr().err
 
 
 def test_predict_command_line(workdir, images):

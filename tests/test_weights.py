@@ -7,6 +7,7 @@ of timm's MlpMixer forward pass written here (NCHW, (out, in) weights, exact GEL
 import math
 import os
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -241,6 +242,26 @@ def test_vit_state_dict_is_rejected(tmp_path):
     assert "missing keys" in message and "stem.proj.weight" in message and "blocks.0.mlp_tokens.fc1.weight" in message
 
 
+def test_headless_weights_take_a_new_head(ti_npz, tmp_path):
+    """Weights saved without a head (timm's `num_classes=0` export) load with new_head=True."""
+    import safetensors.numpy
+
+    model = models.create("Ti/4", num_classes=7, image_size=16)
+    full = weights.read(ti_npz)
+    headless = {k: v for k, v in full.items() if k not in weights.HEAD_KEYS}
+    np.savez(tmp_path / "headless.npz", **headless)
+    safetensors.numpy.save_file(
+        {k: v for k, v in weights.official_to_timm(full).items() if not k.startswith("head.")},
+        str(tmp_path / "headless.safetensors"),
+    )
+    for name in ("headless.npz", "headless.safetensors"):
+        path = str(tmp_path / name)
+        assert "has no head; pass new_head=True" in load_error(path, model)
+        loaded = weights.flatten(weights.load(path, model, new_head=True))
+        assert not loaded["head/kernel"].any() and loaded["head/kernel"].shape == (model.hidden_dim, 7)
+        np.testing.assert_array_equal(loaded["stem/kernel"], full["stem/kernel"])
+
+
 def test_unreadable_files(ti_npz, tmp_path):
     model = models.create("Ti/4", num_classes=10, image_size=16)
     with open(ti_npz, "rb") as f:
@@ -280,6 +301,23 @@ def test_orbax_workdir_and_step(digits_run):
     assert_trees_equal(weights.load(step_dir, model), params)
     scanned = weights.load(os.path.join(workdir, "checkpoints"), model.clone(scan_blocks=True))
     assert_trees_equal(weights.unflatten(weights.flatten(scanned)), params)
+
+
+def test_damaged_orbax_checkpoints(digits_run, tmp_path):
+    """A truncated array file, and a step without its state, are WeightsErrors (the trainer and
+    `predict` report those as one message), not Orbax's or TensorStore's own exceptions."""
+    model = models.create("Ti/4", num_classes=10, image_size=16)
+    workdir = tmp_path / "w"
+    shutil.copytree(digits_run.workdir, workdir, ignore=shutil.ignore_patterns("events.*"))
+    step = max((d for d in os.listdir(workdir / "checkpoints") if d.isdigit()), key=int)
+    state = workdir / "checkpoints" / step / "state"
+    data = [os.path.join(r, f) for r, _, fs in os.walk(state) if os.path.basename(r) == "d" for f in fs]
+    victim = max(data, key=os.path.getsize)
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    assert f"the Orbax checkpoint in {workdir} is unreadable" in load_error(str(workdir), model)
+    shutil.rmtree(state)
+    assert f"step {step} in" in load_error(str(workdir), model) and "has no state" in load_error(str(workdir), model)
 
 
 @pytest.mark.slow
