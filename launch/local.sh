@@ -71,11 +71,17 @@ if [[ -z $port ]]; then
   fi
 fi
 
+# The caller's XLA flags (dumps, experiments) are kept, less a device count of theirs.
+xla_flags=
+for flag in ${XLA_FLAGS:-}; do
+  [[ $flag == --xla_force_host_platform_device_count=* ]] || xla_flags+="$flag "
+done
+
 # The command of process $1, in the array `cmd`. Transparent huge pages for glibc's large blocks:
 # XLA:CPU maps each step's temporary buffer afresh, and 4 KiB pages make that 680,000 page faults
 # per S/16 step (README, Benchmarks). A GLIBC_TUNABLES of the caller's own wins.
 command_of() {
-  cmd=(env JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$devices"
+  cmd=(env JAX_PLATFORMS=cpu "XLA_FLAGS=${xla_flags}--xla_force_host_platform_device_count=$devices"
     "GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}"
     "$python" -m mixer_jax.main "${main_args[@]}"
     "--coordinator_address=127.0.0.1:$port" "--num_processes=$num_processes" "--process_id=$1")
@@ -142,6 +148,9 @@ for ((i = 0; i < num_processes; i++)); do
   pids[i]=$!
   running+=("$!")
 done
+if [[ -n $signal ]]; then
+  stop_all # A signal that came before any process ran stopped nothing.
+fi
 
 # Reap processes as they end; the first failure stops the rest. `wait -n` returns when one ends or
 # a signal arrives (and skips processes bash has already reaped), so each round checks every

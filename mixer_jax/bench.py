@@ -72,15 +72,18 @@ _SYNTHETIC_JPEG = flags.DEFINE_integer(
     "synthetic_jpeg", 0, "data: first write this many 500x375 JPEGs (quality 90) to a temporary dataset and read it."
 )
 
-# Dense matrix peak FLOP/s by device kind and dtype, from the vendors' spec sheets (per chip/card).
+# Dense matrix peak FLOP/s per JAX device, by device kind and matmul operand dtype, from the vendors'
+# spec sheets. A GPU is a card; a TPU v3 device is one of a chip's two TensorCores (123 TFLOP/s a
+# chip); from v4 on a device is a chip. float32 at JAX's default precision runs on the tensor cores
+# as TF32 on A100/H100/H200, so its peak is TF32's (dense, without sparsity).
 SPEC_PEAK = {
     ("H100", "bfloat16"): 989.4e12,
-    ("H100", "float32"): 66.9e12,
+    ("H100", "float32"): 494.7e12,
     ("H200", "bfloat16"): 989.4e12,
-    ("H200", "float32"): 66.9e12,
+    ("H200", "float32"): 494.7e12,
     ("A100", "bfloat16"): 312e12,
-    ("A100", "float32"): 19.5e12,
-    ("TPU v3", "bfloat16"): 123e12,
+    ("A100", "float32"): 156e12,
+    ("TPU v3", "bfloat16"): 61.5e12,
     ("TPU v4", "bfloat16"): 275e12,
     ("TPU v5 lite", "bfloat16"): 197e12,
     ("TPU v5p", "bfloat16"): 459e12,
@@ -220,6 +223,7 @@ def run(mode: str) -> dict[str, Any]:
         if _PROFILE_DIR.value and _STEPS.value
         else {}
     )
+    peak_memory = peak_memory_bytes(compiled)  # The step's, before the matmul below allocates its own.
     operands = _MATMUL_DTYPE.value or _DTYPE.value  # The roofline is the matmuls' own dtype.
     matmul = matmul_flops(operands) / 1e12
     device = jax.devices()[0]
@@ -248,7 +252,7 @@ def run(mode: str) -> dict[str, Any]:
         "spec_peak_tflops": peak / 1e12 * jax.device_count() if peak else None,
         "mfu_vs_spec": tflops / (peak / 1e12 * jax.device_count()) if peak and tflops else None,
         "compile_s": compile_s,
-        "peak_memory_bytes": peak_memory_bytes(compiled),
+        "peak_memory_bytes": peak_memory,
         "host_page_faults_per_step": page_faults,
         "memory_limit_bytes": (device.memory_stats() or {}).get("bytes_limit"),
         **profiled,

@@ -223,6 +223,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
     """Every check that can run before compiling or reading data. Raises ConfigError."""
     check_schema(config)
     _require(config.total_steps > 0, f"config key 'total_steps' is {config.total_steps}; it must be > 0.")
+    _require(0 <= config.seed < 2**32, f"config key 'seed' is {config.seed}; it must lie in [0, 2**32).")
     _require(
         config.lr >= 0 and math.isfinite(config.lr),
         f"config key 'lr' is {config.lr}; the learning rate must be a finite number >= 0.",

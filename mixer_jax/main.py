@@ -147,8 +147,8 @@ def main(argv: list[str]) -> None:
     logging.info("config:\n%s", config)
     try:
         train.train_and_evaluate(config, _WORKDIR.value)
-    except (checkpointing.CheckpointError, weights.WeightsError) as e:
-        _fail(str(e))
+    except (checkpointing.CheckpointError, weights.WeightsError, pipeline.DatasetError) as e:
+        _fail(str(e))  # A DatasetError here: the first examples do not fit the model (check_examples).
     except train.Preempted as e:
         logging.warning("%s", e)
         sys.exit(EXIT_PREEMPTED)

@@ -265,6 +265,7 @@ def _train_and_evaluate(
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("dataset prepared")
+    pipeline.check_examples(config)  # Before any compile: images and labels that fit the model.
     # Each process reads the slice of every global batch that its devices hold.
     index, count = sharding.batch_slice(mesh, config.batch_size)
     shard = dict(process_index=index, process_count=count)

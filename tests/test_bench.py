@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from mixer_jax import bench as bench_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--variant=Mu/4", "--image_size=16", "--batch=8", "--num_classes=10", "--steps=2", "--json"]
 
@@ -103,3 +105,12 @@ def test_bench_data_synthetic_at_the_given_size():
     args = ("--dataset=synthetic", "--image_size=16", "--num_classes=10", "--pp=value_range(-1,1)|onehot(10)")
     r = bench("data", *args, "--images=64", "--json")
     assert r["image_shape"] == [16, 16, 3] and r["images"] >= 64 and positive(r["images_per_s"]), r
+
+
+def test_spec_peaks_are_per_jax_device():
+    """A TPU v3 device is one TensorCore (half a chip); float32 on an H100 runs as TF32."""
+    assert bench_lib.spec_peak("TPU v3", "bfloat16") == 61.5e12
+    assert bench_lib.spec_peak("TPU v4", "bfloat16") == 275e12
+    assert bench_lib.spec_peak("NVIDIA H100 80GB HBM3", "float32") == 494.7e12
+    assert bench_lib.spec_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
+    assert bench_lib.spec_peak("cpu", "float32") is None

@@ -50,6 +50,9 @@ BAD = [
     (["--config.model.pretrain_image_size=12", "--config.init.path=/"], ["pretrain_image_size 12", "integer"]),
     (["--config.fewshot.datasets=digits", "--config.fewshot.shots=5,0"], ["'fewshot.shots' is '5,0'"]),
     (["--config.input.pp_eval=resize(16)|value_range|onehot(10)|mixup(0.2)"], ["mixup(0.2)", "'input.pp_train'"]),
+    (["--config.seed=-1"], ["'seed' is -1", "[0, 2**32)"]),
+    (["--config.fewshot.datasets=cifar10"], ["dataset 'cifar10' is not prepared"]),
+    (["--config.fewshot.datasets=digits:train:validation"], ["'digits' has no split 'validation'"]),
     (["--num_processes=2", "--process_id=1"], ["--num_processes and --process_id", "need --coordinator_address"]),
 ]
 

@@ -1,6 +1,7 @@
 """The built-in digits dataset, preprocessing ops, and the grain pipelines."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -131,6 +132,24 @@ def test_eval_counts_every_example_once(data_dir, process_count):
     source = pipeline.get_builder("digits", data_dir).as_data_source("test")
     np.testing.assert_array_equal(order[mask], [source[i]["label"] for i in range(360)])
     assert mask[:360].all() and not mask[360:].any()
+
+
+@pytest.mark.parametrize(
+    "key, pp, message",
+    [
+        ("pp_eval", "resize(32)|rgb|value_range(-1,1)|onehot(10)", "'input.pp_eval' makes images of shape (32, 32, 3)"),
+        ("pp_train", "resize(16)|value_range(-1,1)|onehot(10)", "images of shape (16, 16, 1)"),
+        ("pp_eval", "resize(16)|rgb|value_range(-1,1)", "left no ['labels'] field"),
+    ],
+)
+def test_first_examples_must_fit_the_model(key, pp, message, data_dir):
+    """Found before training (the trainer calls this first), not at the first evaluation."""
+    c = digits_config(data_dir)
+    c.model.update(variant="Mu/4", image_size=16, num_classes=10)
+    pipeline.check_examples(c)
+    c.input[key] = pp
+    with pytest.raises(pipeline.DatasetError, match=re.escape(message)):
+        pipeline.check_examples(c)
 
 
 def test_missing_dataset_message(tmp_path):

@@ -73,6 +73,10 @@ def test_local_dry_run_prints_each_process_exactly(tmp_path):
     assert _lines(LOCAL, *args, "--", *main) == [f"{common} --process_id=0", f"{common} --process_id=1"]
     # The defaults are the same (port 12355 in --dry-run).
     assert _lines(LOCAL, "--dry-run", "--", *main) == [f"{common} --process_id=0", f"{common} --process_id=1"]
+    # The caller's XLA flags are kept, less their device count.
+    env = _env(XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_force_host_platform_device_count=8")
+    line = _lines(LOCAL, "--dry-run", "--", *main, env=env)[0]
+    assert "XLA_FLAGS=--xla_dump_to=/tmp/dump\\ --xla_force_host_platform_device_count=4 " in line
     # Nothing is created.
     _lines(LOCAL, "--dry-run", "--", "--config=configs/digits.py", f"--workdir={tmp_path}/run")
     assert not os.path.exists(tmp_path / "run")

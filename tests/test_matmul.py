@@ -149,7 +149,7 @@ def test_model_matmul_options():
 def test_every_model_dot_has_matmul_dtype_operands(dtype, matmul_dtype, matmuls):
     """In the lowered forward+backward of the whole model, before any backend pass, both operands of
     every Mixer-layer dot are in the matmul dtype: no float32 cotangent drags a backward matmul into
-    float32 (only the float32 head of the mixed policy is float32)."""
+    float32 (only the head is float32, in every policy)."""
     model = models.create("Mu/4", num_classes=5, image_size=16, dtype=dtype, matmul_dtype=matmul_dtype, matmuls=matmuls)
     images = jnp.zeros((2, 16, 16, 3))
     params = nn.unbox(model.init(jax.random.key(0), images)["params"])
@@ -158,7 +158,7 @@ def test_every_model_dot_has_matmul_dtype_operands(dtype, matmul_dtype, matmuls)
     layer_dots = 3 * 4 * model.num_blocks + 2  # Forward, dx, dk per Dense; the stem needs no dx.
     if matmuls == "plain":
         layer_dots += 4 * model.num_blocks + 1  # Bias gradients as matmuls with ones.
-    # The head (nn.Dense, float32 in the mixed policy): dx and dk; the gradient of a sum does not need
+    # The head (nn.Dense, float32 whatever the dtype): dx and dk; the gradient of a sum does not need
     # its forward product.
-    head = [("f32", "f32")] * 2 if dtype == F32 else [("bf16", "bf16")] * 2
+    head = [("f32", "f32")] * 2
     assert sorted(operand_types) == sorted([("bf16", "bf16")] * layer_dots + head)

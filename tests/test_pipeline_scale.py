@@ -40,6 +40,7 @@ def folder(tmp_path_factory):
             _image(rng, cls, size).save(d / f"{i:04d}.{'jpg' if i % 2 else 'png'}")
     _image(rng, 1).convert("L").save(root / "train" / "cat" / "gray.jpg")
     _image(rng, 0).convert("P").save(root / "train" / "bird" / "palette.png")
+    Image.fromarray(np.full((30, 40), 32896, np.uint16)).save(root / "train" / "dog" / "gray16.png")  # 128.5 * 256.
     (root / "train" / "dog" / "garbage.jpg").write_bytes(b"not an image at all" * 10)
     png = io.BytesIO()
     _image(rng, 1).save(png, format="PNG")
@@ -61,7 +62,7 @@ def folder_config(data_dir, pp_train=AUGMENT, batch_size=8):
 
 def test_image_folder_import(folder):
     data_dir, report = folder
-    assert report.kept == {"train": 38, "test": NUM_TEST} and report.converted["train"] == 2
+    assert report.kept == {"train": 39, "test": NUM_TEST} and report.converted["train"] == 3
     assert sorted(p for p, _ in report.skipped) == ["train/cat/truncated.png", "train/dog/garbage.jpg"]
     with open(os.path.join(report.directory, prepare.REPORT)) as f:
         text = f.read()
@@ -73,6 +74,7 @@ def test_image_folder_import(folder):
     gray = by_name["train/cat/gray.jpg"]
     assert gray["image"].shape == (30, 40, 3) and gray["label"] == 1
     assert by_name["train/bird/palette.png"]["image"].shape == (30, 40, 3)
+    assert (by_name["train/dog/gray16.png"]["image"] == 128).all()  # Scaled to 8 bits, not clipped to 255.
     with pytest.raises(ValueError, match="already exists"):
         prepare.import_image_folder(str(data_dir), "toy_folder", data_dir, verbose=False)
 

@@ -157,6 +157,61 @@ def check(config: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
                 f"config key 'input.{key}' is {input_config[key]!r}, but dataset "
                 f"{input_config.dataset!r} has the splits {sorted(splits)}."
             )
+    _check_fewshot(config)
+
+
+def _check_fewshot(config: ml_collections.ConfigDict) -> None:
+    """Every few-shot dataset is prepared (or built in), has its splits and a `label` ClassLabel, and
+    `fewshot.pp` parses: found now, not at the probe after the last step."""
+    from mixer_jax import fewshot
+
+    f = config.fewshot
+    if not f.datasets:
+        return
+    if f.pp:
+        preprocess.parse(f.pp, allow_batch_ops=False)
+    for spec in (d.strip() for d in f.datasets.split(",") if d.strip()):
+        try:
+            name, *wanted = fewshot._parse_dataset(spec)
+        except ValueError as e:
+            raise DatasetError(f"config key 'fewshot.datasets': {e}.") from None
+        if name in BUILTIN:  # Prepared on first use.
+            splits = BUILTIN[name].SPLITS
+            label = True
+        else:
+            builder = get_builder(name, config.input.data_dir, prepare=False)
+            splits = list(builder.info.splits)
+            label = isinstance(builder.info.features.get("label"), tfds.features.ClassLabel)
+        if missing := [s for s in wanted if s.split("[")[0] not in splits]:
+            raise DatasetError(
+                f"config key 'fewshot.datasets': {name!r} has no split {missing[0]!r}; it has {sorted(splits)} "
+                "(write NAME:TRAIN_SPLIT:TEST_SPLIT)."
+            )
+        if not label:
+            raise DatasetError(
+                f"config key 'fewshot.datasets': {name!r} has no 'label' ClassLabel feature, which the "
+                "few-shot probe classifies."
+            )
+
+
+def check_examples(config: ml_collections.ConfigDict) -> None:
+    """The first example of each split through its preprocessing fits the model: images of
+    (image_size, image_size, 3) and labels num_classes wide. Needs the dataset prepared."""
+    size, classes = config.model.image_size, config.model.num_classes
+    for key, split in (("pp_train", config.input.train_split), ("pp_eval", config.input.eval_split)):
+        pp = preprocess.parse(config.input[key], allow_batch_ops=key == "pp_train")
+        example = _select(pp.example_fn(_source(config, split, raw_image=pp.raw_image)[0], np.random.default_rng(0)))
+        image, labels = np.shape(example["image"]), np.shape(example["labels"])
+        if image != (size, size, 3):
+            raise DatasetError(
+                f"config key 'input.{key}' makes images of shape {image}, but the model takes ({size}, {size}, 3) "
+                f"(config key 'model.image_size' is {size}); end its image ops with resize({size}) or a {size}-px crop."
+            )
+        if labels != (classes,):
+            raise DatasetError(
+                f"config key 'input.{key}' makes labels of shape {labels}, but config key 'model.num_classes' "
+                f"is {classes}; end it with onehot({classes})."
+            )
 
 
 def _check_batch_ops(pp: preprocess.Preprocess, batch_size: int, process_count: int) -> None:

@@ -60,6 +60,8 @@ def _load(path: str) -> tuple[bytes, bool]:
         if image.format in ("JPEG", "PNG") and image.mode == "RGB":
             return data, False
         out = io.BytesIO()
+        if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: convert() would clip at 255.
+            image = Image.fromarray((np.clip(np.asarray(image), 0, 65535).astype(np.uint32) >> 8).astype(np.uint8))
         rgb = image.convert("RGB")
         if image.format == "JPEG":
             rgb.save(out, format="JPEG", quality=95)
