@@ -151,14 +151,14 @@ def test_bfloat16_compute_keeps_the_head_in_float32():
     """The logits and the head's gradients are float32 sums, not rounded to bfloat16: the head bias's
     gradient is the batch mean of softmax - labels, computed here in float64 from the same logits."""
     model = models.create("Mu/4", num_classes=10, image_size=16, dtype=jnp.bfloat16)
-    params = random_params(model, 16, scale=0.5)
+    params = random_params(model.clone(dtype=jnp.float32), 16, scale=0.5)  # The same float32 parameters.
     labels = jax.nn.one_hot(np.arange(64) % 10, 10)
 
     def loss(p):
         logits = model.apply({"params": p}, images(64, 16))
         return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), -1)), logits
 
-    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     logits = np.asarray(logits, np.float64)
     assert np.any(logits != np.asarray(logits.astype(jnp.bfloat16), np.float64))
     probs = np.exp(logits - logits.max(-1, keepdims=True))
