@@ -69,7 +69,6 @@ class Checkpointer:
         read_only: bool = False,
     ):
         self.directory = os.path.abspath(directory)
-        self._closed = False
         policies = [checkpoint_managers.LatestN(n=keep)]
         if keep_best:
             lower_is_better = best_metric.endswith("loss")
@@ -178,10 +177,19 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        """Finishes the saves in flight and stops Orbax's threads; a second call does nothing."""
-        if not self._closed:
-            self.manager.close()
-            self._closed = True
+        """Finishes the saves in flight and stops Orbax's threads."""
+        self.manager.close()
+
+
+def locate(path: str) -> tuple[str, int | None]:
+    """(checkpoints directory, step or None for the latest) of a workdir, its checkpoints/ directory
+    or one checkpoints/STEP."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):  # A workdir, whatever its name.
+        return os.path.join(path, "checkpoints"), None
+    if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):  # One step.
+        return os.path.dirname(path), int(os.path.basename(path))
+    return path, None
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -203,30 +211,28 @@ def describe_mismatch(state_dir: str, abstract_state: Any) -> str:
         metadata = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
     except Exception:
         return ""  # Unreadable metadata: reported by the restore itself.
-    # The parameters, and the optimizer state when the whole state is restored. (The rng key is
-    # stored as its raw (2,) words.)
-    tops = {"params", "opt_state"}
-    wanted = {k: v for k, v in _flat_shapes(abstract_state).items() if k.split("/")[0] in tops}
-    saved = {k: v for k, v in _flat_shapes(metadata).items() if k.split("/")[0] in tops}
-    if not any(k.startswith("opt_state/") for k in wanted):
-        saved = {k: v for k, v in saved.items() if k.startswith("params/")}
+    # The parameters, and the optimizer state when the whole state is restored. (Not the rng key:
+    # it is stored as its raw (2,) words.)
+    wanted = {k: v for k, v in _flat_shapes(abstract_state).items() if k.split("/")[0] in ("params", "opt_state")}
+    parts = {k.split("/")[0] for k in wanted}
+    saved = {k: v for k, v in _flat_shapes(metadata).items() if k.split("/")[0] in parts}
 
     def ordered(keys):  # The parameters first: they name the model; the optimizer state follows them.
         return sorted(keys, key=lambda k: (not k.startswith("params/"), k))
 
-    parts = []
+    found = []
     if only := ordered(set(saved) - set(wanted)):
-        parts.append(f"only in the checkpoint: {', '.join(only[:8])}{' ...' if len(only) > 8 else ''}")
+        found.append(f"only in the checkpoint: {', '.join(only[:8])}{' ...' if len(only) > 8 else ''}")
     if only := ordered(set(wanted) - set(saved)):
-        parts.append(f"only in the model: {', '.join(only[:8])}{' ...' if len(only) > 8 else ''}")
+        found.append(f"only in the model: {', '.join(only[:8])}{' ...' if len(only) > 8 else ''}")
     shapes = [
         f"{k} {saved[k]} in the checkpoint vs {wanted[k]} in the model"
         for k in ordered(saved)
         if k in wanted and saved[k] != wanted[k]
     ]
     if shapes:
-        parts.append("different shapes: " + "; ".join(shapes[:8]) + (" ..." if len(shapes) > 8 else ""))
-    return "; ".join(parts)
+        found.append("different shapes: " + "; ".join(shapes[:8]) + (" ..." if len(shapes) > 8 else ""))
+    return "; ".join(found)
 
 
 def config_diff(saved: dict, current: ml_collections.ConfigDict) -> list[str]:

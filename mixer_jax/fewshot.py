@@ -102,6 +102,11 @@ def compute_features(
     return np.concatenate(out) if out else np.zeros((0, model.hidden_dim), np.float32)
 
 
+def parse_datasets(datasets: str | Sequence[str]) -> list[tuple[str, str, str]]:
+    """'NAME,NAME:TRAIN:TEST,...' (or a sequence of such specs) -> [(name, train split, test split)]."""
+    return [_parse_dataset(d) for d in _as_tuple(datasets)]
+
+
 def _parse_dataset(spec: str) -> tuple[str, str, str]:
     """'NAME' or 'NAME:TRAIN_SPLIT:TEST_SPLIT' -> (name, train split, test split)."""
     parts = spec.split(":")
@@ -144,7 +149,7 @@ class Evaluator:
     ):
         from mixer_jax.data import preprocess
 
-        self.datasets = [_parse_dataset(d) for d in _as_tuple(datasets)]
+        self.datasets = parse_datasets(datasets)
         self.shots = _as_tuple(shots, int)
         if not self.datasets or not self.shots or min(self.shots) < 1:
             raise ValueError(f"few-shot evaluation needs datasets and positive shots, got {datasets!r}, {shots!r}")

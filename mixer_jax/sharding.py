@@ -97,16 +97,18 @@ def batch_slice(mesh: Mesh, batch_size: int, process_index: int | None = None) -
 
 def slice_of_process(device_rows: set[tuple[int, int, int]], batch_size: int, process_index: int) -> tuple[int, int]:
     """`batch_slice` from each device's (process, first row, end row)."""
-    spans: dict[int, list[tuple[int, int]]] = {}
-    for process, start, stop in sorted(device_rows):
-        spans.setdefault(process, []).append((start, stop))
+    held: dict[int, np.ndarray] = {}
+    for process, start, stop in device_rows:
+        held.setdefault(process, np.zeros(batch_size, bool))[start:stop] = True
     ranges = {}
-    for process, held in spans.items():
-        lo, hi = held[0][0], max(stop for _, stop in held)
-        if sum(stop - start for start, stop in _merged(held)) != hi - lo:
+    for process, mask in sorted(held.items()):
+        rows = np.flatnonzero(mask)
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        if len(rows) != hi - lo:
             raise ValueError(
-                f"process {process} holds rows {held} of the batch, not one contiguous slice; order the mesh's "
-                "devices process by process along the batch axes (config keys 'mesh.data', 'mesh.fsdp')."
+                f"process {process} holds rows {sorted((a, b) for p, a, b in device_rows if p == process)} of the "
+                "batch, not one contiguous slice; order the mesh's devices process by process along the batch "
+                "axes (config keys 'mesh.data', 'mesh.fsdp')."
             )
         ranges[process] = (lo, hi)
     slices = sorted(set(ranges.values()))
@@ -117,17 +119,6 @@ def slice_of_process(device_rows: set[tuple[int, int, int]], batch_size: int, pr
             "mesh.data x mesh.fsdp a multiple of the process count or a divisor of it."
         )
     return slices.index(ranges[process_index]), len(slices)
-
-
-def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted half-open row ranges with overlaps (replicas) merged."""
-    out: list[tuple[int, int]] = []
-    for start, stop in sorted(spans):
-        if out and start <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], stop))
-        else:
-            out.append((start, stop))
-    return out
 
 
 def put_batch(

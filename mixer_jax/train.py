@@ -508,12 +508,7 @@ def _eval_source(
     """(checkpointer, step) named by `eval_checkpoint`: "" (the latest in `checkpoints`, the
     workdir's), a workdir, a checkpoints directory, or one step's directory. Opened read-only: they
     may be a live run's, whose saves in flight must survive."""
-    path = os.path.abspath(config.eval_checkpoint or checkpoints)
-    step = None
-    if os.path.isdir(os.path.join(path, "checkpoints")):  # A workdir, whatever its name.
-        path = os.path.join(path, "checkpoints")
-    elif os.path.basename(path).isdigit():
-        path, step = os.path.dirname(path), int(os.path.basename(path))
+    path, step = checkpointing.locate(config.eval_checkpoint or checkpoints)
     if not os.path.isdir(path):
         key = "config key 'eval_checkpoint'" if config.eval_checkpoint else "--workdir"
         raise checkpointing.CheckpointError(f"{key}: {path} does not exist; there is no checkpoint to evaluate.")

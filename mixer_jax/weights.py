@@ -277,16 +277,6 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
 
 
-def _orbax_location(path: str) -> tuple[str, int | None]:
-    """(checkpoints directory, step or None for the latest) of a workdir, checkpoints/ or one STEP."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):  # A workdir.
-        return os.path.join(path, "checkpoints"), None
-    if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):  # One step.
-        return os.path.dirname(path), int(os.path.basename(path))
-    return path, None
-
-
 def saved_model_config(path: str) -> dict[str, Any]:
     """The `model` config saved with the Orbax checkpoint at `path` (as `read` takes it); {} for a
     weights file or a checkpoint without a readable config."""
@@ -294,7 +284,7 @@ def saved_model_config(path: str) -> dict[str, Any]:
         return {}
     from mixer_jax import checkpointing
 
-    directory, step = _orbax_location(path)
+    directory, step = checkpointing.locate(path)
     if not os.path.isdir(directory):
         return {}
     ckpt = checkpointing.Checkpointer(directory, keep=1, read_only=True)
@@ -311,7 +301,7 @@ def _read_orbax(path: str) -> dict[str, np.ndarray]:
     from mixer_jax import checkpointing
 
     path = os.path.abspath(path)
-    directory, step = _orbax_location(path)
+    directory, step = checkpointing.locate(path)
     from absl import logging
 
     verbosity = logging.get_verbosity()

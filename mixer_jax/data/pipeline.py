@@ -170,11 +170,11 @@ def _check_fewshot(config: ml_collections.ConfigDict) -> None:
         return
     if f.pp:
         preprocess.parse(f.pp, allow_batch_ops=False)
-    for spec in (d.strip() for d in f.datasets.split(",") if d.strip()):
-        try:
-            name, *wanted = fewshot._parse_dataset(spec)
-        except ValueError as e:
-            raise DatasetError(f"config key 'fewshot.datasets': {e}.") from None
+    try:
+        datasets = fewshot.parse_datasets(f.datasets)
+    except ValueError as e:
+        raise DatasetError(f"config key 'fewshot.datasets': {e}.") from None
+    for name, *wanted in datasets:
         if name in BUILTIN:  # Prepared on first use.
             splits = BUILTIN[name].SPLITS
             label = True
