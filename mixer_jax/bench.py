@@ -39,7 +39,9 @@ _REMAT = flags.DEFINE_string("remat", "none", "Remat policy: none, full, dots, d
 _MATMUL_DTYPE = flags.DEFINE_enum(
     "matmul_dtype", "", ["", "float32", "bfloat16"], "Matmul operand dtype, as config model.matmul_dtype ('': --dtype)."
 )
-_MATMULS = flags.DEFINE_enum("matmuls", "auto", ["auto", "xla", "plain"], "Matmul layouts, as config model.matmuls.")
+_MATMULS = flags.DEFINE_enum(
+    "matmuls", "auto", ["auto", "xla", "plain", "fused"], "Matmul layouts, as config model.matmuls."
+)
 _GELU_BACKWARD = flags.DEFINE_enum(
     "gelu_backward", "auto", ["auto", "saved", "recompute"], "GELU backward pass, as config model.gelu_backward."
 )
@@ -237,7 +239,7 @@ def run(mode: str) -> dict[str, Any]:
         "steps_per_call": per_call,
         "dtype": _DTYPE.value,
         "matmul_dtype": operands,
-        "matmuls": "plain" if model.plain_matmuls else "xla",
+        "matmuls": "plain" if model.plain_matmuls else "fused" if model.fused_gelu else "xla",
         "gelu_backward": "recompute" if model.recompute_gelu else "saved",
         "layer_norm_backward": "recompute" if model.recompute_layer_norm else "saved",
         "mesh": dict(mesh.shape),

@@ -66,8 +66,9 @@ def defaults() -> ml_collections.ConfigDict:
             # The dense layers' matmul operands ("": dtype); they accumulate in float32. dtype="float32"
             # with matmul_dtype="bfloat16" keeps LayerNorm, GELU and residuals in float32.
             matmul_dtype="",
-            # auto, xla, plain: the dense layers' matmul layouts (models.MlpMixer.plain_matmuls); auto
-            # picks plain for bfloat16 operands on CPU.
+            # auto, xla, plain, fused: the dense layers' matmul layouts (models.MlpMixer.plain_matmuls);
+            # auto picks plain for bfloat16 operands on CPU. fused: XLA's, with each channel MLP's first
+            # Dense and GELU one Hopper kernel on a single H100/H200 (models.MlpMixer.fused_gelu).
             matmuls="auto",
             # auto, saved, recompute: the GELUs' backward pass keeps autodiff's intermediates or only
             # the GELU's input (models.MlpMixer.recompute_gelu); auto recomputes on GPU and for
@@ -279,6 +280,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
     )
     _require(0 <= m.dropout_rate < 1, f"config key 'model.dropout_rate' is {m.dropout_rate}; it must lie in [0, 1).")
     _require(0 <= m.stoch_depth < 1, f"config key 'model.stoch_depth' is {m.stoch_depth}; it must lie in [0, 1).")
+    _require(
+        m.matmuls != "fused" or m.gelu_approximate,
+        "config key 'model.matmuls' is 'fused', which computes the tanh GELU, but model.gelu_approximate is "
+        "False: set model.gelu_approximate=True or model.matmuls='auto'.",
+    )
 
     sizes = mesh_shape(config.mesh, num_devices)
     batch_shards = sizes["data"] * sizes["fsdp"]

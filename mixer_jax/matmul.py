@@ -122,5 +122,11 @@ def xla_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array, leading: bool, 
     return _affine(x, kernel, bias, leading, dtype, False)[0]
 
 
+def xla_backward(dtype: Dtype, residuals: tuple[jax.Array, ...], g: jax.Array) -> tuple[jax.Array, ...]:
+    """`xla_matmul`'s backward pass over a last axis: (dx, dkernel, dbias) for the residuals (x in
+    `dtype`, kernel, bias) and the cotangent g, whose dtype dx takes."""
+    return _backward(False, False, dtype, residuals, g)
+
+
 dense_matmul.defvjp(functools.partial(_forward, plain=True), functools.partial(_backward, True))
 xla_matmul.defvjp(functools.partial(_forward, plain=False), functools.partial(_backward, False))

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mixer_jax import gelu, layer_norm, matmul
+from mixer_jax import dense_gelu, gelu, layer_norm, matmul
 
 Dtype = Any
 
@@ -163,6 +163,8 @@ class Dense(nn.Module):
     one matmul, kernel^T @ x viewed as (tokens, batch * channels), with no transpose of the
     activations. The matmul's operands are in `matmul_dtype` (float32 accumulation), the result in
     `dtype`; `plain_matmuls` selects `matmul.dense_matmul` (see there) over XLA's layouts.
+    `fused_gelu` (last axis, XLA's layouts) returns the tanh GELU of the result, from
+    `dense_gelu.dense_gelu`: one Hopper kernel where it applies.
     """
 
     features: int
@@ -172,12 +174,15 @@ class Dense(nn.Module):
     param_dtype: Dtype = jnp.float32
     matmul_dtype: Dtype | None = None  # None: dtype.
     plain_matmuls: bool = False
+    fused_gelu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[0] if self.leading else x.shape[-1]
         kernel, bias = _kernel_and_bias(self, (width, self.features), self.axes, self.param_dtype)
         x = x.astype(self.dtype)
+        if self.fused_gelu:
+            return dense_gelu.dense_gelu(x, kernel, bias, _operand_dtype(self))
         if not self.leading:
             return _over_last_axis(x, kernel, bias, self.plain_matmuls, _operand_dtype(self))
         # (tokens, batch * C): the batch is the outer part of the merged axis, so it stays sharded.
@@ -188,7 +193,8 @@ class Dense(nn.Module):
 class MlpBlock(nn.Module):
     """Dense -> GELU -> Dense back to the input width, over the last axis (`axis=-1`) or the leading
     one (`axis=0`). `axes` = (input axis, hidden axis) names. `recompute_gelu`: the GELU's backward
-    pass keeps only its input (`gelu.gelu`)."""
+    pass keeps only its input (`gelu.gelu`). `fused_gelu`: the first Dense and the GELU as
+    `dense_gelu.dense_gelu` (last axis, tanh GELU, XLA's layouts only)."""
 
     mlp_dim: int
     axes: tuple[str, str]
@@ -199,6 +205,7 @@ class MlpBlock(nn.Module):
     plain_matmuls: bool = False
     gelu_approximate: bool = True
     recompute_gelu: bool = False
+    fused_gelu: bool = False
     dropout_rate: float = 0.0
 
     @nn.compact
@@ -206,7 +213,7 @@ class MlpBlock(nn.Module):
         width = x.shape[self.axis]
         in_axis, hidden_axis = self.axes
 
-        def dense(features: int, axes: tuple[str, str], name: str) -> nn.Module:
+        def dense(features: int, axes: tuple[str, str], name: str, fused_gelu: bool = False) -> nn.Module:
             return Dense(
                 features,
                 axes,
@@ -215,11 +222,17 @@ class MlpBlock(nn.Module):
                 self.param_dtype,
                 self.matmul_dtype,
                 self.plain_matmuls,
+                fused_gelu,
                 name=name,
             )
 
-        y = dense(self.mlp_dim, (in_axis, hidden_axis), "Dense_0")(x)
-        y = (gelu.gelu if self.recompute_gelu else nn.gelu)(y, self.gelu_approximate)
+        if self.fused_gelu:
+            if self.axis == 0 or self.plain_matmuls or not self.gelu_approximate:
+                raise ValueError("fused_gelu needs the last axis, XLA's matmul layouts and the tanh GELU")
+            y = dense(self.mlp_dim, (in_axis, hidden_axis), "Dense_0", fused_gelu=True)(x)
+        else:
+            y = dense(self.mlp_dim, (in_axis, hidden_axis), "Dense_0")(x)
+            y = (gelu.gelu if self.recompute_gelu else nn.gelu)(y, self.gelu_approximate)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         y = dense(width, (hidden_axis, in_axis), "Dense_1")(y)
         return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
@@ -251,6 +264,7 @@ class MixerBlock(nn.Module):
     matmul_dtype: Dtype | None = None  # None: dtype.
     plain_matmuls: bool = False
     recompute_gelu: bool = False
+    fused_gelu: bool = False  # The channel MLPs' (`MlpBlock.fused_gelu`).
     recompute_layer_norm: bool = False
     drop_paths: bool = False  # Stochastic depth on the two residual branches (`MlpMixer.stoch_depth` > 0).
 
@@ -279,9 +293,9 @@ class MixerBlock(nn.Module):
             y = drop_path(y, drop_rates[0], self.make_rng("dropout"), batch_axis=1)
         x = x + y
         y = _layer_norm(self.dtype, self.param_dtype, self.recompute_layer_norm)(x)
-        y = MlpBlock(self.channels_mlp_dim, ("embed", "channel_mlp"), name="channel_mixing", **mlp)(
-            y, deterministic=deterministic
-        )
+        y = MlpBlock(
+            self.channels_mlp_dim, ("embed", "channel_mlp"), name="channel_mixing", fused_gelu=self.fused_gelu, **mlp
+        )(y, deterministic=deterministic)
         if stochastic:
             y = drop_path(y, drop_rates[1], self.make_rng("dropout"), batch_axis=1)
         return x + y
@@ -326,6 +340,11 @@ class MlpMixer(nn.Module):
             raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         if self.matmuls not in MATMULS:
             raise ValueError(f"matmuls {self.matmuls!r} is not one of {MATMULS}")
+        if self.matmuls == "fused" and not self.gelu_approximate:
+            raise ValueError(
+                "matmuls='fused' computes the tanh GELU (gelu_approximate=True); with the exact GELU "
+                "use matmuls='auto' or 'xla'"
+            )
         if self.gelu_backward not in GELU_BACKWARDS:
             raise ValueError(f"gelu_backward {self.gelu_backward!r} is not one of {GELU_BACKWARDS}")
         if self.layer_norm_backward not in LAYER_NORM_BACKWARDS:
@@ -344,6 +363,12 @@ class MlpMixer(nn.Module):
         if self.matmuls == "auto":
             return self.operand_dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
         return self.matmuls == "plain"
+
+    @property
+    def fused_gelu(self) -> bool:
+        """Whether each channel MLP's first Dense and GELU are `dense_gelu.dense_gelu` (`matmuls="fused"`):
+        one Hopper kernel on a single H100/H200 in bfloat16, XLA's matmul and GELU elsewhere."""
+        return self.matmuls == "fused"
 
     @property
     def recompute_gelu(self) -> bool:
@@ -432,6 +457,7 @@ class MlpMixer(nn.Module):
             matmul_dtype=self.operand_dtype,
             plain_matmuls=self.plain_matmuls,
             recompute_gelu=self.recompute_gelu,
+            fused_gelu=self.fused_gelu,
             recompute_layer_norm=self.recompute_layer_norm,
             drop_paths=self.stoch_depth > 0,
         )
@@ -451,9 +477,10 @@ class MlpMixer(nn.Module):
         return x
 
 
-# How the dense layers' matmuls are laid out: XLA's choice, `matmul.dense_matmul`'s plain layout, or
-# plain exactly for bfloat16 on CPU (`MlpMixer.plain_matmuls`).
-MATMULS = ("auto", "xla", "plain")
+# How the dense layers' matmuls are laid out: XLA's choice, `matmul.dense_matmul`'s plain layout,
+# plain exactly for bfloat16 on CPU (`MlpMixer.plain_matmuls`), or XLA's with each channel MLP's
+# first Dense and GELU fused (`MlpMixer.fused_gelu`).
+MATMULS = ("auto", "xla", "plain", "fused")
 
 # The GELUs' backward pass: autodiff's saved intermediates, `gelu.gelu`'s recomputation from the
 # input, or recomputation where it is measured faster: GPU, and float32 matmuls on CPU
