@@ -159,7 +159,7 @@ def run(mode: str) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from mixer_jax import checkpointing, models, optim, sharding, train
+    from mixer_jax import checkpointing, dense_gelu, models, optim, sharding, train
     from mixer_jax import config as config_lib
     from mixer_jax.data import preprocess
 
@@ -240,6 +240,14 @@ def run(mode: str) -> dict[str, Any]:
         "dtype": _DTYPE.value,
         "matmul_dtype": operands,
         "matmuls": "plain" if model.plain_matmuls else "fused" if model.fused_gelu else "xla",
+        # Whether the channel MLPs ran `dense_gelu`'s kernel (matmuls=fused, where it applies).
+        "dense_gelu_kernel": model.fused_gelu
+        and jnp.dtype(model.dtype) == jnp.bfloat16
+        and dense_gelu.kernel_applies(
+            (model.num_tokens, c.batch_size // c.accum_steps, model.hidden_dim),
+            (model.hidden_dim, model.channels_mlp_dim),
+            model.operand_dtype,
+        ),
         "gelu_backward": "recompute" if model.recompute_gelu else "saved",
         "layer_norm_backward": "recompute" if model.recompute_layer_norm else "saved",
         "mesh": dict(mesh.shape),

@@ -7,14 +7,15 @@ epilogue, on the float32 accumulator, and writes h and y once each. It is a pers
 warp-specialized Pallas Mosaic GPU kernel: one warpgroup feeds the shared-memory pipeline with TMA
 copies, two issue WGMMAs, each on its own 128-column half of a block's 128 x 256 output tile.
 
-Measured on an H100 (B/16 at batch 256: x (50176, 768), kernel (768, 3072), bfloat16): 0.495 ms
-against 0.631 ms for XLA's matmul and pass; the same kernel without the epilogue takes 0.369 ms
-(cuBLAS: 0.321). Relative errors against a float32 reference: h 1.7e-3 and y 1.7e-3 (XLA: 2.3e-3 and
+Measured on an H100 (B/16 at batch 256: x (50176, 768), kernel (768, 3072), bfloat16; see
+benchmarks/dense_gelu_gpu.py): 0.495 ms against 0.631 ms for XLA's matmul and pass (its matmul
+alone: 0.321). Relative errors against a float32 reference: h 1.7e-3 and y 1.7e-3 (XLA: 2.3e-3 and
 2.5e-3, since it rounds the product to bfloat16 before adding the bias).
 
 The backward pass is XLA's (`gelu.derivative` and `matmul.xla_matmul`'s gradients); it keeps x and
 h, as `gelu_backward="recompute"` does. Where the kernel does not apply (see `kernel_applies`), the
-same function runs on XLA.
+same function runs on XLA. Under `remat="dots"` the kernel's outputs are not dot outputs, so a
+rematerialised block recomputes the whole kernel in its backward pass.
 """
 
 from __future__ import annotations
@@ -48,20 +49,21 @@ class Tiles:
 
 
 # Fits 227 KiB of shared memory: 3 x (128 x 64 + 64 x 256) operands plus 2 outputs x 2 warpgroups x
-# 2 slots of 64 x 64, in bfloat16 (211 KiB). The fastest of four tilings that fit, on an H100.
+# 2 slots of 64 x 64, in bfloat16, and the float32 bias (209 KiB). The fastest of the tilings timed
+# on an H100 (benchmarks/dense_gelu_gpu.py).
 DEFAULT_TILES = Tiles()
-_HOPPER = ("H100", "H200", "H800", "GH200")
 
 
 def kernel_applies(
     x_shape: tuple[int, ...], kernel_shape: tuple[int, int], dtype: Dtype, t: Tiles = DEFAULT_TILES
 ) -> bool:
-    """Whether `dense_gelu` runs the Hopper kernel: one Hopper GPU (the kernel is not partitioned
-    over a mesh), bfloat16 operands, rows a multiple of `t.m`, output width of `2 * t.n` and input
-    width of `t.k`."""
+    """Whether `dense_gelu` runs the Hopper kernel for bfloat16 activations x: one Hopper GPU (compute
+    capability 9.0; the kernel is not partitioned over a mesh), bfloat16 matmul operands, rows
+    (x's leading axes together) a multiple of `t.m`, an output width a multiple of `2 * t.n` and an
+    input width a multiple of `t.k`. (With float32 activations `dense_gelu` runs on XLA.)"""
     if jax.default_backend() != "gpu" or jax.device_count() != 1 or jnp.dtype(dtype) != jnp.bfloat16:
         return False
-    if not any(name in jax.devices()[0].device_kind for name in _HOPPER):
+    if getattr(jax.devices()[0], "compute_capability", None) != "9.0":
         return False
     rows = 1
     for d in x_shape[:-1]:
@@ -127,7 +129,9 @@ def _kernel(x_gmem, w_gmem, b_gmem, h_gmem, y_gmem, *, t: Tiles):
             columns = ni * block_n + wg * t.n  # This warpgroup's half of the block's tile.
 
             def compute_context(run_pipeline):
-                # The bias of this tile's columns arrives while the matmul runs.
+                # The bias of this tile's columns arrives while the matmul runs. Overwriting b_smem is
+                # safe: the last tile's bias loads all came before its last `commit_smem`, which ends
+                # in a barrier of the whole warpgroup.
                 plgpu.copy_gmem_to_smem(b_gmem.at[pl.ds(columns, t.n)], b_smem.at[wg], b_barrier.at[wg])
 
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((t.m, t.n), jnp.float32))
@@ -175,6 +179,8 @@ def hopper_dense_gelu(
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     (m, k), n = x.shape, kernel.shape[1]
+    if t.m % t.epi_m or t.n % t.epi_n:
+        raise ValueError(f"dense_gelu kernel: epilogue pieces {(t.epi_m, t.epi_n)} do not divide the tile {(t.m, t.n)}")
     if m % t.m or n % (2 * t.n) or k % t.k:
         raise ValueError(f"dense_gelu kernel: (M, K, N) = {(m, k, n)} is not a multiple of {(t.m, t.k, 2 * t.n)}")
     out = jax.ShapeDtypeStruct((m, n), x.dtype)

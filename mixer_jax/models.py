@@ -182,6 +182,8 @@ class Dense(nn.Module):
         kernel, bias = _kernel_and_bias(self, (width, self.features), self.axes, self.param_dtype)
         x = x.astype(self.dtype)
         if self.fused_gelu:
+            if self.leading or self.plain_matmuls:
+                raise ValueError("fused_gelu needs a Dense over the last axis with XLA's matmul layouts")
             return dense_gelu.dense_gelu(x, kernel, bias, _operand_dtype(self))
         if not self.leading:
             return _over_last_axis(x, kernel, bias, self.plain_matmuls, _operand_dtype(self))
@@ -227,8 +229,8 @@ class MlpBlock(nn.Module):
             )
 
         if self.fused_gelu:
-            if self.axis == 0 or self.plain_matmuls or not self.gelu_approximate:
-                raise ValueError("fused_gelu needs the last axis, XLA's matmul layouts and the tanh GELU")
+            if not self.gelu_approximate:
+                raise ValueError("fused_gelu computes the tanh GELU: it needs gelu_approximate=True")
             y = dense(self.mlp_dim, (in_axis, hidden_axis), "Dense_0", fused_gelu=True)(x)
         else:
             y = dense(self.mlp_dim, (in_axis, hidden_axis), "Dense_0")(x)
