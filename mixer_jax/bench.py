@@ -242,11 +242,11 @@ def run(mode: str) -> dict[str, Any]:
         "matmuls": "plain" if model.plain_matmuls else "fused" if model.fused_gelu else "xla",
         # Whether the channel MLPs ran `dense_gelu`'s kernel (matmuls=fused, where it applies).
         "dense_gelu_kernel": model.fused_gelu
-        and jnp.dtype(model.dtype) == jnp.bfloat16
         and dense_gelu.kernel_applies(
             (model.num_tokens, c.batch_size // c.accum_steps, model.hidden_dim),
             (model.hidden_dim, model.channels_mlp_dim),
             model.operand_dtype,
+            model.dtype,
         ),
         "gelu_backward": "recompute" if model.recompute_gelu else "saved",
         "layer_norm_backward": "recompute" if model.recompute_layer_norm else "saved",

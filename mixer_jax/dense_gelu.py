@@ -55,13 +55,19 @@ DEFAULT_TILES = Tiles()
 
 
 def kernel_applies(
-    x_shape: tuple[int, ...], kernel_shape: tuple[int, int], dtype: Dtype, t: Tiles = DEFAULT_TILES
+    x_shape: tuple[int, ...],
+    kernel_shape: tuple[int, int],
+    dtype: Dtype,
+    activations: Dtype = jnp.bfloat16,
+    t: Tiles = DEFAULT_TILES,
 ) -> bool:
-    """Whether `dense_gelu` runs the Hopper kernel for bfloat16 activations x: one Hopper GPU (compute
-    capability 9.0; the kernel is not partitioned over a mesh), bfloat16 matmul operands, rows
-    (x's leading axes together) a multiple of `t.m`, an output width a multiple of `2 * t.n` and an
-    input width a multiple of `t.k`. (With float32 activations `dense_gelu` runs on XLA.)"""
-    if jax.default_backend() != "gpu" or jax.device_count() != 1 or jnp.dtype(dtype) != jnp.bfloat16:
+    """Whether `dense_gelu` runs the Hopper kernel for x of `x_shape` and `activations` dtype: one
+    Hopper GPU (compute capability 9.0; the kernel is not partitioned over a mesh), bfloat16
+    activations and matmul operands (`dtype`), rows (x's leading axes together) a multiple of `t.m`,
+    an output width a multiple of `2 * t.n` and an input width a multiple of `t.k`."""
+    if jax.default_backend() != "gpu" or jax.device_count() != 1:
+        return False
+    if jnp.dtype(dtype) != jnp.bfloat16 or jnp.dtype(activations) != jnp.bfloat16:
         return False
     if getattr(jax.devices()[0], "compute_capability", None) != "9.0":
         return False
@@ -70,11 +76,6 @@ def kernel_applies(
         rows *= d
     (k, n) = kernel_shape
     return rows % t.m == 0 and n % (2 * t.n) == 0 and k % t.k == 0
-
-
-def _gelu_f32(h: jax.Array) -> jax.Array:
-    """The tanh GELU, in the kernel's float32 registers."""
-    return 0.5 * h * (1 + jnp.tanh(gelu.SQRT_2_OVER_PI * (h + gelu.CUBIC * h * h * h)))
 
 
 def _kernel(x_gmem, w_gmem, b_gmem, h_gmem, y_gmem, *, t: Tiles):
@@ -150,7 +151,7 @@ def _kernel(x_gmem, w_gmem, b_gmem, h_gmem, y_gmem, *, t: Tiles):
                             )
                             h = piece + lax.broadcast_in_dim(bias, piece.shape, [1])
                             out_smem[0, wg, slot] = h.astype(dtype)
-                            out_smem[1, wg, slot] = _gelu_f32(h).astype(dtype)
+                            out_smem[1, wg, slot] = jax.nn.gelu(h, approximate=True).astype(dtype)
                             plgpu.commit_smem()
                             rows = pl.ds(mi * t.m + em * t.epi_m, t.epi_m)
                             cols = pl.ds(columns + en * t.epi_n, t.epi_n)
@@ -198,7 +199,7 @@ def hopper_dense_gelu(
 
 def _forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype):
     xc = x.astype(dtype)
-    if kernel_applies(x.shape, kernel.shape, dtype) and x.dtype == jnp.dtype(dtype):
+    if kernel_applies(x.shape, kernel.shape, dtype, x.dtype):
         h, y = hopper_dense_gelu(xc.reshape(-1, x.shape[-1]), kernel, bias)
         shape = (*x.shape[:-1], kernel.shape[1])
         h, y = h.reshape(shape), y.reshape(shape)

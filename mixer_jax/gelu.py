@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
-CUBIC = 0.044715  # The tanh form's cubic coefficient (Hendrycks & Gimpel, 2016).
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+_CUBIC = 0.044715  # The tanh form's cubic coefficient (Hendrycks & Gimpel, 2016).
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -39,8 +39,8 @@ def derivative(x: jax.Array, approximate: bool) -> jax.Array:
     """d gelu / dx at x, computed in float32."""
     x = x.astype(jnp.float32)
     if approximate:  # gelu = x/2 (1 + tanh u), u = sqrt(2/pi) (x + c x^3).
-        t = jnp.tanh(SQRT_2_OVER_PI * (x + CUBIC * x**3))
-        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * SQRT_2_OVER_PI * (1 + 3 * CUBIC * x * x)
+        t = jnp.tanh(_SQRT_2_OVER_PI * (x + _CUBIC * x**3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * _CUBIC * x * x)
     # gelu = x Phi(x): Phi(x) + x phi(x).
     return 0.5 * (1 + lax.erf(x / math.sqrt(2))) + x * jnp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
 

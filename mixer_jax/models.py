@@ -228,12 +228,10 @@ class MlpBlock(nn.Module):
                 name=name,
             )
 
-        if self.fused_gelu:
-            if not self.gelu_approximate:
-                raise ValueError("fused_gelu computes the tanh GELU: it needs gelu_approximate=True")
-            y = dense(self.mlp_dim, (in_axis, hidden_axis), "Dense_0", fused_gelu=True)(x)
-        else:
-            y = dense(self.mlp_dim, (in_axis, hidden_axis), "Dense_0")(x)
+        if self.fused_gelu and not self.gelu_approximate:
+            raise ValueError("fused_gelu computes the tanh GELU: it needs gelu_approximate=True")
+        y = dense(self.mlp_dim, (in_axis, hidden_axis), "Dense_0", self.fused_gelu)(x)
+        if not self.fused_gelu:  # Else the Dense applied it.
             y = (gelu.gelu if self.recompute_gelu else nn.gelu)(y, self.gelu_approximate)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         y = dense(width, (hidden_axis, in_axis), "Dense_1")(y)
