@@ -143,6 +143,18 @@ def steps_per_call(config: ml_collections.ConfigDict) -> int:
     return math.gcd(config.steps_per_call, *periods, config.fewshot.every if config.fewshot.datasets else 0)
 
 
+def compiler_options(platform: str) -> dict[str, Any] | None:
+    """XLA options for the train step on `platform` ("cpu", "gpu", "tpu").
+
+    On GPU, bfloat16 values are rounded where the program rounds them (`xla_allow_excess_precision`
+    off). With excess precision allowed, XLA drops the rounding of the channel MLP's GELU input
+    gradient: the pass that forms it writes it in float32, and a second pass reads it back to round
+    it and sum the bias gradient. Rounded as written, one pass does both. B/16, bfloat16, batch 256
+    on an H100: 6.5% more images/s (4443 -> 4734, and 4468 -> 4763 on a second card). CPU and TPU
+    keep XLA's defaults (not measured there)."""
+    return {"xla_allow_excess_precision": False} if platform == "gpu" else None
+
+
 def make_train_step(
     config: ml_collections.ConfigDict,
     model: models.MlpMixer,
@@ -191,7 +203,12 @@ def make_train_step(
         metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads), "train/lr": lr_schedule(state.step)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(state_shardings, None))
+    @functools.partial(
+        jax.jit,
+        donate_argnums=(0,),
+        out_shardings=(state_shardings, None),
+        compiler_options=compiler_options(mesh.devices.flat[0].platform),
+    )
     def train_steps(state: TrainState, batches: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         if jax.tree.leaves(batches)[0].shape[0] > 1:
             return jax.lax.scan(train_step, state, batches)

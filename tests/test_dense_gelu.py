@@ -31,7 +31,8 @@ def loss(fn):
 
 def test_float32_matches_jax_numpy():
     x, kernel, bias = operands()
-    got_value, got_grads = loss(lambda *a: dense_gelu.dense_gelu(*a, F32))(x, kernel, bias)
+    with jax.default_matmul_precision("float32"):  # Not TF32 on a GPU.
+        got_value, got_grads = loss(lambda *a: dense_gelu.dense_gelu(*a, F32))(x, kernel, bias)
     hp = jax.lax.Precision.HIGHEST
     want_value, want_grads = loss(lambda x, k, b: jax.nn.gelu(jnp.dot(x, k, precision=hp) + b, approximate=True))(
         x, kernel, bias
@@ -67,7 +68,12 @@ def test_kernel_applies_only_on_one_hopper_gpu():
 def test_kernel_matches_float32_on_hopper(k, n):
     """Few blocks (each loops over many tiles: the bias buffer and its barrier are reused), fewer
     k-steps than pipeline stages, column tiles that the schedule's bands do not divide, a large
-    bias; then the gradients through the kernel against the XLA path's."""
+    bias; then the gradients through the kernel against float32's, next to the XLA path's.
+
+    The kernel rounds h once (float32 sum plus bias), the XLA path twice (the product, then the
+    sum with the bias), so the kernel's gradients must be at least as close to float32's. The two
+    bfloat16 paths differ from each other by as much as each differs from float32 (2.2% in the bias
+    gradient at K=768), so comparing them with each other would test nothing sharper."""
     if not dense_gelu.kernel_applies((384, k), (k, n), BF16):
         pytest.skip("needs one H100/H200")
     x, kernel, bias = operands((3, 128, k), n, seed=k + n)
@@ -81,9 +87,11 @@ def test_kernel_matches_float32_on_hopper(k, n):
         assert np.linalg.norm(np.asarray(got, F32) - want) / np.linalg.norm(want) < 4e-3
     fused = loss(lambda *a: dense_gelu.dense_gelu(*a, BF16))(x16, kernel, bias)
     unfused = loss(lambda x, k, b: gelu.gelu(matmul.xla_matmul(x, k, b, False, BF16), True))(x16, kernel, bias)
-    for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(unfused), strict=True):
-        got, want = np.asarray(got, F32), np.asarray(want, F32)
-        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
+    exact = loss(lambda x, k, b: jax.nn.gelu(jnp.dot(x.astype(F32), k, precision="highest") + b, approximate=True))
+    for got, xla, want in zip(*(jax.tree.leaves(r) for r in (fused, unfused, exact(x16, kernel, bias))), strict=True):
+        got, xla, want = (np.asarray(a, F32) for a in (got, xla, want))
+        error, xla_error = (np.linalg.norm(a - want) / np.linalg.norm(want) for a in (got, xla))
+        assert error < 3e-2 and error <= 1.1 * xla_error, (error, xla_error)
 
 
 def test_kernel_lowers_for_hopper_and_refuses_untiled_shapes():

@@ -78,3 +78,14 @@ def test_steps_per_call_divides_every_period():
     assert train.steps_per_call(c) == 5
     c.fewshot.datasets = "digits"
     assert train.steps_per_call(c) == 1
+
+
+def test_train_step_rounds_bfloat16_as_written_on_gpu():
+    """The GPU train step's XLA options (`train.compiler_options`) are names XLA accepts: an unknown
+    one fails the compile. CPU and TPU keep XLA's defaults."""
+    options = train.compiler_options("gpu")
+    assert options == {"xla_allow_excess_precision": False}
+    assert train.compiler_options("cpu") is None and train.compiler_options("tpu") is None
+    assert float(jax.jit(lambda x: 2 * x, compiler_options=options)(1.5)) == 3.0
+    with pytest.raises(Exception, match="No such compile option"):
+        jax.jit(lambda x: 2 * x, compiler_options={"xla_allow_excess_precisio": False})(1.5)
