@@ -355,7 +355,8 @@ def _train_and_evaluate(
     logging.info("training from step %d to %d", first_step, config.total_steps)
 
     def publish(step: int, metrics: dict[str, float]) -> None:
-        writer.write_scalars(step, metrics)
+        # A copy: the writer reads it on its own thread, after the loop may have extended `metrics`.
+        writer.write_scalars(step, dict(metrics))
         _append_jsonl(workdir, step, metrics, is_main)
 
     per_call, step, calls = steps_per_call(config), first_step, 0

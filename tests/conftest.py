@@ -78,6 +78,24 @@ def data_dir(tmp_path_factory):
     return path
 
 
+# The test files that start from the README run (`digits_run`): one test worker runs them all, so
+# that session fixture runs once.
+_DIGITS_RUN_FILES = {"test_fewshot.py", "test_tools.py", "test_train.py", "test_weights.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's per-file scheduling (module-scoped fixtures run once), with the files that share
+    the README run as one unit."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "digits_run" if os.path.basename(path) in _DIGITS_RUN_FILES else path
+
+    return Scheduling(config, log)
+
+
 class DigitsRun(NamedTuple):
     workdir: str
     log: str  # The run's stderr.
