@@ -80,12 +80,17 @@ def test_steps_per_call_divides_every_period():
     assert train.steps_per_call(c) == 1
 
 
-def test_train_step_rounds_bfloat16_as_written_on_gpu():
-    """The GPU train step's XLA options (`train.compiler_options`) are names XLA accepts: an unknown
-    one fails the compile. CPU and TPU keep XLA's defaults."""
+def test_train_step_rounds_bfloat16_as_written_on_gpu(tmp_path):
+    """The GPU train step's XLA options (`train.compiler_options`) reach XLA's debug options through
+    `jax.jit` (read back from XLA's dump of the compiled module; an unknown name fails the compile).
+    CPU and TPU keep XLA's defaults."""
     options = train.compiler_options("gpu")
     assert options == {"xla_allow_excess_precision": False}
     assert train.compiler_options("cpu") is None and train.compiler_options("tpu") is None
-    assert float(jax.jit(lambda x: 2 * x, compiler_options=options)(1.5)) == 3.0
+    dump = {"xla_dump_to": str(tmp_path)}
+    assert float(jax.jit(lambda x: 2 * x, compiler_options=options | dump)(1.5)) == 3.0
+    (debug_options,) = glob.glob(os.path.join(tmp_path, "*.debug_options"))
+    with open(debug_options) as f:
+        assert "xla_allow_excess_precision: false" in f.read().splitlines()
     with pytest.raises(Exception, match="No such compile option"):
         jax.jit(lambda x: 2 * x, compiler_options={"xla_allow_excess_precisio": False})(1.5)
