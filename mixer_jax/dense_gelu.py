@@ -12,7 +12,7 @@ benchmarks/dense_gelu_gpu.py): 0.495 ms against 0.631 ms for XLA's matmul and pa
 alone: 0.321). Relative errors against a float32 reference: h 1.7e-3 and y 1.7e-3 (XLA: 2.3e-3 and
 2.5e-3, since it rounds the product to bfloat16 before adding the bias).
 
-The backward pass is XLA's (`gelu.derivative` and `matmul.xla_matmul`'s gradients); it keeps x and
+The backward pass is XLA's (`gelu.input_gradient` and `matmul.xla_matmul`'s gradients); it keeps x and
 h, as `gelu_backward="recompute"` does. Where the kernel does not apply (see `kernel_applies`), the
 same function runs on XLA. Under `remat="dots"` the kernel's outputs are not dot outputs, so a
 rematerialised block recomputes the whole kernel in its backward pass.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -71,11 +72,12 @@ def kernel_applies(
         return False
     if getattr(jax.devices()[0], "compute_capability", None) != "9.0":
         return False
-    rows = 1
-    for d in x_shape[:-1]:
-        rows *= d
-    (k, n) = kernel_shape
-    return rows % t.m == 0 and n % (2 * t.n) == 0 and k % t.k == 0
+    return _tiles_divide(math.prod(x_shape[:-1]), *kernel_shape, t)
+
+
+def _tiles_divide(m: int, k: int, n: int, t: Tiles) -> bool:
+    """Whether the tiles divide x (m, k) @ kernel (k, n)."""
+    return m % t.m == 0 and k % t.k == 0 and n % (2 * t.n) == 0
 
 
 def _kernel(x_gmem, w_gmem, b_gmem, h_gmem, y_gmem, *, t: Tiles):
@@ -182,7 +184,7 @@ def hopper_dense_gelu(
     (m, k), n = x.shape, kernel.shape[1]
     if t.m % t.epi_m or t.n % t.epi_n:
         raise ValueError(f"dense_gelu kernel: epilogue pieces {(t.epi_m, t.epi_n)} do not divide the tile {(t.m, t.n)}")
-    if m % t.m or n % (2 * t.n) or k % t.k:
+    if not _tiles_divide(m, k, n, t):
         raise ValueError(f"dense_gelu kernel: (M, K, N) = {(m, k, n)} is not a multiple of {(t.m, t.k, 2 * t.n)}")
     out = jax.ShapeDtypeStruct((m, n), x.dtype)
     call = plgpu.kernel(
@@ -211,9 +213,7 @@ def _forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype):
 
 def _backward(dtype: Dtype, residuals: tuple[jax.Array, ...], g: jax.Array):
     xc, kernel, bias, h = residuals
-    (h,) = lax.optimization_barrier((h,))  # As in `gelu`: keeps XLA from storing a forward tanh.
-    dh = (g.astype(jnp.float32) * gelu.derivative(h, True)).astype(g.dtype)
-    return matmul.xla_backward(dtype, (xc, kernel, bias), dh)
+    return matmul.xla_backward(dtype, (xc, kernel, bias), gelu.input_gradient(h, g, True))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

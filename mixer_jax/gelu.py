@@ -45,9 +45,15 @@ def derivative(x: jax.Array, approximate: bool) -> jax.Array:
     return 0.5 * (1 + lax.erf(x / math.sqrt(2))) + x * jnp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
 
 
-def _backward(approximate: bool, x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+def input_gradient(x: jax.Array, g: jax.Array, approximate: bool) -> jax.Array:
+    """The gradient at the GELU's input x for the output cotangent g, in g's dtype: g * gelu'(x),
+    recomputed from x in float32."""
     (x,) = lax.optimization_barrier((x,))  # Keeps XLA from reusing the forward pass's tanh.
-    return ((g.astype(jnp.float32) * derivative(x, approximate)).astype(g.dtype),)
+    return (g.astype(jnp.float32) * derivative(x, approximate)).astype(g.dtype)
+
+
+def _backward(approximate: bool, x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    return (input_gradient(x, g, approximate),)
 
 
 gelu.defvjp(_forward, _backward)
