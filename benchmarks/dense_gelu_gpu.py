@@ -1,11 +1,13 @@
-"""`dense_gelu`'s Hopper kernel against XLA on one channel-MLP layer, on an H100 or H200.
+"""`dense_gelu`'s Hopper kernels against XLA on one channel MLP, on an H100 or H200.
 
     python benchmarks/dense_gelu_gpu.py [--rows=50176] [--width=768] [--hidden=3072]
 
-Times (median of 5 x 20 calls) XLA's matmul followed by its bias and GELU pass, XLA's matmul alone
-and the fused kernel in three tilings; prints one JSON line per variant, with the relative errors
-of h and gelu(h) against a float32 reference. The defaults are B/16's channel MLP at
-batch 256 (196 tokens x 256 images).
+Times (median of 5 x 20 calls), forward: XLA's matmul followed by its bias and GELU pass, XLA's
+matmul alone, and `hopper_dense_gelu` in three tilings. Backward: the GELU's input gradient dh
+through the second Dense and the first bias's gradient, as XLA computes them (a matmul writes dy,
+one pass forms dh and sums it) and with `hopper_gelu_grad` (dh in the matmul's epilogue, XLA's sum),
+and each kernel alone. Prints one JSON line per variant, with relative errors against a float32
+reference. The defaults are B/16's channel MLP at batch 256 (196 tokens x 256 images).
 """
 
 import argparse
@@ -19,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixer_jax import dense_gelu
+from mixer_jax import dense_gelu, gelu
 
 BF16 = jnp.bfloat16
 
@@ -78,6 +80,36 @@ def main() -> None:
             report(f"fused_{name}", ms, err_h=error(h, h_ref), err_y=error(y, y_ref))
         except Exception:  # A tiling that does not fit this card's shared memory, say.
             print(json.dumps({"name": f"fused_{name}", "error": traceback.format_exc()[-800:]}))
+
+    # Backward: g, the cotangent of the second Dense's output (rows, width), through its kernel
+    # transposed, (width, hidden): w's shape again.
+    g = jax.random.normal(jax.random.key(1), (m, k), BF16)
+    h = jnp.asarray(h_ref, BF16)
+    dy_ref = np.asarray(jnp.dot(g.astype(jnp.float32), w.astype(jnp.float32), precision="highest"))
+    dh_ref = dy_ref * np.asarray(gelu.derivative(h, True))
+    db_ref = dh_ref.sum(0)
+
+    @jax.jit
+    def xla_grad(g, w, h):  # The model's XLA path: dy in bfloat16, then one pass for dh and its sum.
+        dh = gelu.input_gradient(h, jnp.dot(g, w, preferred_element_type=BF16), True)
+        return dh, jnp.sum(dh, 0, dtype=jnp.float32)
+
+    @jax.jit
+    def fused_grad(g, w, h):
+        dh = dense_gelu.hopper_gelu_grad(g, w, h)
+        return dh, jnp.sum(dh, 0, dtype=jnp.float32)
+
+    for name, fn in (("xla_grad_and_bias_grad", xla_grad), ("fused_grad_and_bias_grad", fused_grad)):
+        try:
+            ms, (dh, db) = median_ms(fn, g, w, h)
+            report(name, ms, err_dh=error(dh, dh_ref), err_db=error(db, db_ref))
+        except Exception:
+            print(json.dumps({"name": name, "error": traceback.format_exc()[-800:]}))
+    try:
+        ms, _ = median_ms(jax.jit(dense_gelu.hopper_gelu_grad), g, w, h)
+        report("fused_grad_alone", ms)
+    except Exception:
+        print(json.dumps({"name": "fused_grad_alone", "error": traceback.format_exc()[-800:]}))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ bench() {  # NAME [bench train flags...]: one run, its JSON kept in OUTDIR/NAME.
 
 bf16=(--variant="$variant" --dtype=bfloat16 --steps=10)
 bench "bs$batch" "${bf16[@]}" --batch="$batch" --profile_dir="$out/profile"
+# The channel MLPs on dense_gelu's Hopper kernels (forward and the GELU's input gradient).
+bench "bs${batch}_fused" "${bf16[@]}" --batch="$batch" --matmuls=fused
 # Autodiff's GELU backward pass, which keeps the tanh too (the GPU default keeps only the GELU's input).
 bench "bs${batch}_gelu_saved" "${bf16[@]}" --batch="$batch" --gelu_backward=saved
 # The LayerNorm backward pass that keeps only the input and row statistics (so far the default for

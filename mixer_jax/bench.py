@@ -240,7 +240,7 @@ def run(mode: str) -> dict[str, Any]:
         "dtype": _DTYPE.value,
         "matmul_dtype": operands,
         "matmuls": "plain" if model.plain_matmuls else "fused" if model.fused_gelu else "xla",
-        # Whether the channel MLPs ran `dense_gelu`'s kernel (matmuls=fused, where it applies).
+        # Whether the channel MLPs ran `dense_gelu`'s kernels (matmuls=fused, where they apply).
         "dense_gelu_kernel": model.fused_gelu
         and dense_gelu.kernel_applies(
             (model.num_tokens, c.batch_size // c.accum_steps, model.hidden_dim),

@@ -1,21 +1,32 @@
-"""A channel MLP's first Dense and its GELU as one Hopper kernel: h = x @ kernel + bias, y = gelu(h).
+"""The channel MLP's first Dense and its GELU as Hopper kernels, forward and backward.
 
-XLA runs this as a cuBLAS matmul that writes x @ kernel, then a pass that reads it back, adds the
-bias and writes both h (for the backward pass) and gelu(h): two activation-sized passes over the
-model's largest tensor. `dense_gelu` computes the bias and the GELU (tanh form) in the matmul's
-epilogue, on the float32 accumulator, and writes h and y once each. It is a persistent,
-warp-specialized Pallas Mosaic GPU kernel: one warpgroup feeds the shared-memory pipeline with TMA
-copies, two issue WGMMAs, each on its own 128-column half of a block's 128 x 256 output tile.
+Forward, h = x @ kernel + bias, y = gelu(h): XLA runs a cuBLAS matmul that writes x @ kernel, then
+a pass that reads it back, adds the bias and writes both h (for the backward pass) and gelu(h): two
+activation-sized passes over the model's largest tensor. `hopper_dense_gelu` computes the bias and
+the GELU (tanh form) in the matmul's epilogue, on the float32 accumulator, and writes h and y once
+each.
+
+Backward, through the Dense after the GELU: XLA's matmul writes dy = g @ kernel_1^T, then a pass
+reads dy and h back to write dh = dy * gelu'(h) and sum the bias gradient. `hopper_gelu_grad` forms
+dh in the matmul's epilogue from the float32 product and the h tile it loaded during the matmul:
+dy is never stored, nor rounded before the GELU's slope. XLA sums dh for the bias gradient.
+
+Both are one persistent, warp-specialized Pallas Mosaic GPU kernel body with different epilogues:
+one warpgroup feeds the shared-memory pipeline with TMA copies, two issue WGMMAs, each on its own
+128-column half of a block's 128 x 256 output tile. `dense_gelu` is the forward kernel behind a
+custom VJP; `mlp`, the whole channel MLP without dropout, uses both kernels. `interpret=True` runs
+either kernel on the CPU in Mosaic GPU's interpret mode (tests/test_dense_gelu.py).
 
 Measured on an H100 (B/16 at batch 256: x (50176, 768), kernel (768, 3072), bfloat16; see
-benchmarks/dense_gelu_gpu.py): 0.495 ms against 0.631 ms for XLA's matmul and pass (its matmul
-alone: 0.321). Relative errors against a float32 reference: h 1.7e-3 and y 1.7e-3 (XLA: 2.3e-3 and
-2.5e-3, since it rounds the product to bfloat16 before adding the bias).
+benchmarks/dense_gelu_gpu.py): the forward kernel 0.495 ms against 0.631 ms for XLA's matmul and
+pass (its matmul alone: 0.321). Relative errors against a float32 reference: h 1.7e-3 and y 1.7e-3
+(XLA: 2.3e-3 and 2.5e-3, since it rounds the product to bfloat16 before adding the bias). The
+backward kernel has been checked on the CPU only, in interpret mode and through its lowering.
 
-The backward pass is XLA's (`gelu.input_gradient` and `matmul.xla_matmul`'s gradients); it keeps x and
-h, as `gelu_backward="recompute"` does. Where the kernel does not apply (see `kernel_applies`), the
-same function runs on XLA. Under `remat="dots"` the kernel's outputs are not dot outputs, so a
-rematerialised block recomputes the whole kernel in its backward pass.
+Where the kernels do not apply (see `kernel_applies`), the same functions run on XLA, with the
+gradients of `gelu.gelu` (recomputed from h) and `matmul.xla_matmul`. Under `remat="dots"` the
+kernels' outputs are not dot outputs, so a rematerialised block recomputes them in its backward
+pass.
 """
 
 from __future__ import annotations
@@ -49,9 +60,10 @@ class Tiles:
     snake: int = 8
 
 
-# Fits 227 KiB of shared memory: 3 x (128 x 64 + 64 x 256) operands plus 2 outputs x 2 warpgroups x
-# 2 slots of 64 x 64, in bfloat16, and the float32 bias (209 KiB). The fastest of the tilings timed
-# on an H100 (benchmarks/dense_gelu_gpu.py).
+# Both kernels fit 227 KiB of shared memory: 3 x (128 x 64 + 64 x 256) bfloat16 operands (144 KiB),
+# plus in the forward kernel 2 outputs x 2 warpgroups x 2 slots of 64 x 64 in bfloat16 and the
+# float32 bias (209 KiB in all), in the backward kernel each warpgroup's 128 x 128 h tile (208 KiB).
+# The fastest of the forward kernel's tilings timed on an H100 (benchmarks/dense_gelu_gpu.py).
 DEFAULT_TILES = Tiles()
 
 
@@ -80,19 +92,40 @@ def _tiles_divide(m: int, k: int, n: int, t: Tiles) -> bool:
     return m % t.m == 0 and k % t.k == 0 and n % (2 * t.n) == 0
 
 
-def _kernel(x_gmem, w_gmem, b_gmem, h_gmem, y_gmem, *, t: Tiles):
+def _swizzled(dtype: Dtype, minor: int) -> tuple[Any, ...]:
+    """Shared-memory transforms for a tile whose minor dimension has `minor` elements of `dtype`:
+    tiled and swizzled as TMA and WGMMA want it."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = plgpu.find_swizzle(minor * itemsize * 8)
+    return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
+def _load(ref, layout, interpret: bool) -> jax.Array:
+    """A shared-memory ref's value in registers of `layout`. Interpret mode has no `plgpu.load`, and
+    its arrays have no layouts."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+
+
+def _persistent_matmul(x_gmem, w_gmem, *, t: Tiles, scratch: dict[str, Any], prefetch, epilogue) -> None:
+    """The body both kernels share: each block loops over (t.m, 2 t.n) output tiles of x @ w, in
+    bands of `t.snake` column tiles. Each compute warpgroup accumulates its (t.m, t.n) half in
+    float32 over pipelined (t.m, t.k) and (t.k, 2 t.n) operand tiles that a third warpgroup loads.
+
+    `scratch`: the epilogue's shared memory (`pl.run_scoped` allocations, one set for both compute
+    warpgroups). Per tile, `prefetch(refs, mi, columns, wg)` starts the epilogue's loads before the
+    matmul, and `epilogue(refs, acc, mi, columns, wg)` consumes the accumulator: `mi` is the tile's
+    row block, `columns` the first column of warpgroup `wg`'s half."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    dtype = x_gmem.dtype
     m, k = x_gmem.shape
     n = w_gmem.shape[1]
     block_n = 2 * t.n
     m_iters, n_iters, k_iters = m // t.m, n // block_n, k // t.k
-
-    def swizzled(minor: int) -> tuple[Any, ...]:
-        swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
-        return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
 
     def pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -100,8 +133,12 @@ def _kernel(x_gmem, w_gmem, b_gmem, h_gmem, y_gmem, *, t: Tiles):
             grid=(k_iters,),
             memory_registers=40,
             in_specs=[
-                plgpu.BlockSpec((t.m, t.k), lambda i: (0, i), transforms=swizzled(t.k), memory_space=plgpu.SMEM),
-                plgpu.BlockSpec((t.k, block_n), lambda i: (i, 0), transforms=swizzled(t.k), memory_space=plgpu.SMEM),
+                plgpu.BlockSpec(
+                    (t.m, t.k), lambda i: (0, i), transforms=_swizzled(x_gmem.dtype, t.k), memory_space=plgpu.SMEM
+                ),
+                plgpu.BlockSpec(
+                    (t.k, block_n), lambda i: (i, 0), transforms=_swizzled(w_gmem.dtype, t.k), memory_space=plgpu.SMEM
+                ),
             ],
             wg_axis="wg",
             num_compute_wgs=2,
@@ -115,14 +152,10 @@ def _kernel(x_gmem, w_gmem, b_gmem, h_gmem, y_gmem, *, t: Tiles):
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
-        # (h or y, warpgroup, slot): each warpgroup alternates two slots, so that it fills one while
-        # the TMA engine still reads the other.
-        out_smem=plgpu.SMEM((2, 2, 2, t.epi_m, t.epi_n), dtype, transforms=swizzled(t.epi_n)),
-        b_smem=plgpu.SMEM((2, t.n), jnp.float32),
-        b_barrier=plgpu.Barrier(num_barriers=2),
         collective_axes="wg",
+        **scratch,
     )
-    def _scope(allocs, out_smem, b_smem, b_barrier):
+    def _scope(allocs, **refs):
         wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((m_iters * n_iters,), collective_axes="cluster_grid")
@@ -132,34 +165,12 @@ def _kernel(x_gmem, w_gmem, b_gmem, h_gmem, y_gmem, *, t: Tiles):
             columns = ni * block_n + wg * t.n  # This warpgroup's half of the block's tile.
 
             def compute_context(run_pipeline):
-                # The bias of this tile's columns arrives while the matmul runs. Overwriting b_smem is
-                # safe: the last tile's bias loads all came before its last `commit_smem`, which ends
-                # in a barrier of the whole warpgroup.
-                plgpu.copy_gmem_to_smem(b_gmem.at[pl.ds(columns, t.n)], b_smem.at[wg], b_barrier.at[wg])
+                prefetch(refs, mi, columns, wg)
 
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((t.m, t.n), jnp.float32))
                 def _epilogue(acc_ref):
                     run_pipeline(acc_ref)
-                    acc = acc_ref[...]
-                    plgpu.barrier_wait(b_barrier.at[wg])
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    for em in range(t.m // t.epi_m):
-                        for en in range(t.n // t.epi_n):
-                            slot = (em * (t.n // t.epi_n) + en) % 2
-                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # The slot's last copies.
-                            piece = acc[em * t.epi_m : (em + 1) * t.epi_m, en * t.epi_n : (en + 1) * t.epi_n]
-                            bias = plgpu.load(
-                                b_smem.at[wg, pl.ds(en * t.epi_n, t.epi_n)], (), layout=plgpu.Layout.WGMMA.reduce(0)
-                            )
-                            h = piece + lax.broadcast_in_dim(bias, piece.shape, [1])
-                            out_smem[0, wg, slot] = h.astype(dtype)
-                            out_smem[1, wg, slot] = jax.nn.gelu(h, approximate=True).astype(dtype)
-                            plgpu.commit_smem()
-                            rows = pl.ds(mi * t.m + em * t.epi_m, t.epi_m)
-                            cols = pl.ds(columns + en * t.epi_n, t.epi_n)
-                            # One copy group for both: the next wait covers the slot's pair.
-                            plgpu.copy_smem_to_gmem(out_smem.at[0, wg, slot], h_gmem.at[rows, cols], commit_group=False)
-                            plgpu.copy_smem_to_gmem(out_smem.at[1, wg, slot], y_gmem.at[rows, cols])
+                    epilogue(refs, acc_ref[...], mi, columns, wg)
 
             def mma(_, x_smem, w_smem, acc_ref):
                 plgpu.wgmma(acc_ref, x_smem, w_smem.at[:, pl.ds(wg * t.n, t.n)])
@@ -173,30 +184,174 @@ def _kernel(x_gmem, w_gmem, b_gmem, h_gmem, y_gmem, *, t: Tiles):
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def hopper_dense_gelu(
-    x: jax.Array, kernel: jax.Array, bias: jax.Array, t: Tiles = DEFAULT_TILES, num_sms: int | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """(h, gelu(h)) with h = x @ kernel + bias, for 2-D bfloat16 x (M, K) and kernel (K, N) and a
-    bias (N,) of any float dtype (added in float32). One block per SM (`num_sms`: the device's),
-    each looping over output tiles. Raises ValueError for shapes the tiles do not divide."""
+def _dense_gelu_kernel(x_gmem, w_gmem, b_gmem, h_gmem, y_gmem, *, t: Tiles, interpret: bool):
+    """h = x @ w + b and y = gelu(h), written from the float32 accumulator."""
+    import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    (m, k), n = x.shape, kernel.shape[1]
-    if t.m % t.epi_m or t.n % t.epi_n:
-        raise ValueError(f"dense_gelu kernel: epilogue pieces {(t.epi_m, t.epi_n)} do not divide the tile {(t.m, t.n)}")
+    dtype = x_gmem.dtype
+    scratch = dict(
+        # (h or y, warpgroup, slot): each warpgroup alternates two slots, so that it fills one while
+        # the TMA engine still reads the other.
+        out_smem=plgpu.SMEM((2, 2, 2, t.epi_m, t.epi_n), dtype, transforms=_swizzled(dtype, t.epi_n)),
+        b_smem=plgpu.SMEM((2, t.n), jnp.float32),
+        b_barrier=plgpu.Barrier(num_barriers=2),
+    )
+
+    def prefetch(refs, mi, columns, wg):
+        # The bias of this tile's columns arrives while the matmul runs. Overwriting b_smem is safe:
+        # the last tile's bias loads all came before its last `commit_smem`, which ends in a barrier
+        # of the whole warpgroup.
+        plgpu.copy_gmem_to_smem(b_gmem.at[pl.ds(columns, t.n)], refs["b_smem"].at[wg], refs["b_barrier"].at[wg])
+
+    def epilogue(refs, acc, mi, columns, wg):
+        out_smem, b_smem = refs["out_smem"], refs["b_smem"]
+        plgpu.barrier_wait(refs["b_barrier"].at[wg])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        for em in range(t.m // t.epi_m):
+            for en in range(t.n // t.epi_n):
+                slot = (em * (t.n // t.epi_n) + en) % 2
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # The slot's last copies.
+                piece = acc[em * t.epi_m : (em + 1) * t.epi_m, en * t.epi_n : (en + 1) * t.epi_n]
+                bias = _load(b_smem.at[wg, pl.ds(en * t.epi_n, t.epi_n)], plgpu.Layout.WGMMA.reduce(0), interpret)
+                h = piece + lax.broadcast_in_dim(bias, piece.shape, [1])
+                out_smem[0, wg, slot] = h.astype(dtype)
+                out_smem[1, wg, slot] = jax.nn.gelu(h, approximate=True).astype(dtype)
+                plgpu.commit_smem()
+                rows = pl.ds(mi * t.m + em * t.epi_m, t.epi_m)
+                cols = pl.ds(columns + en * t.epi_n, t.epi_n)
+                # One copy group for both: the next wait covers the slot's pair.
+                plgpu.copy_smem_to_gmem(out_smem.at[0, wg, slot], h_gmem.at[rows, cols], commit_group=False)
+                plgpu.copy_smem_to_gmem(out_smem.at[1, wg, slot], y_gmem.at[rows, cols])
+
+    _persistent_matmul(x_gmem, w_gmem, t=t, scratch=scratch, prefetch=prefetch, epilogue=epilogue)
+
+
+def _gelu_grad_kernel(g_gmem, w_gmem, h_gmem, dh_gmem, *, t: Tiles, interpret: bool):
+    """dh = (g @ w) * gelu'(h) from the float32 accumulator. Each warpgroup's h tile arrives during
+    its matmul, as (t.n // t.epi_n) column strips of (t.m, t.epi_n), and the epilogue overwrites it
+    with dh before storing it.
+
+    The bias gradient (dh's column sums) is left to XLA: a sum over rows in registers needs Mosaic's
+    cross-warp reduction, whose shared scratch both compute warpgroups would use at once."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    dtype = g_gmem.dtype
+    strips = t.n // t.epi_n
+    scratch = dict(
+        h_smem=plgpu.SMEM((2, strips, t.m, t.epi_n), dtype, transforms=_swizzled(dtype, t.epi_n)),
+        h_barrier=plgpu.Barrier(num_barriers=2 * strips),
+    )
+
+    def prefetch(refs, mi, columns, wg):
+        # The last tile's stores read h_smem: wait for them before loading over it.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        for s in range(strips):
+            plgpu.copy_gmem_to_smem(
+                h_gmem.at[pl.ds(mi * t.m, t.m), pl.ds(columns + s * t.epi_n, t.epi_n)],
+                refs["h_smem"].at[wg, s],
+                refs["h_barrier"].at[wg * strips + s],
+            )
+
+    def epilogue(refs, acc, mi, columns, wg):
+        h_smem = refs["h_smem"]
+        for s in range(strips):
+            plgpu.barrier_wait(refs["h_barrier"].at[wg * strips + s])
+            for em in range(t.m // t.epi_m):
+                rows = pl.ds(em * t.epi_m, t.epi_m)
+                dy = acc[em * t.epi_m : (em + 1) * t.epi_m, s * t.epi_n : (s + 1) * t.epi_n]
+                # In the accumulator's layout, so that each thread rewrites just the elements it read.
+                h = _load(h_smem.at[wg, s, rows], plgpu.Layout.WGMMA, interpret)
+                h_smem[wg, s, rows] = (dy * gelu.derivative(h, True)).astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(
+                    h_smem.at[wg, s, rows],
+                    dh_gmem.at[pl.ds(mi * t.m + em * t.epi_m, t.epi_m), pl.ds(columns + s * t.epi_n, t.epi_n)],
+                )
+
+    _persistent_matmul(g_gmem, w_gmem, t=t, scratch=scratch, prefetch=prefetch, epilogue=epilogue)
+
+
+def _check_tiles(name: str, m: int, k: int, n: int, t: Tiles) -> None:
+    if t.m % t.epi_m or t.n % t.epi_n or t.epi_m % 8:  # Pieces of whole (8, 64) swizzle tiles.
+        raise ValueError(
+            f"{name} kernel: epilogue pieces {(t.epi_m, t.epi_n)} do not divide the tile {(t.m, t.n)} "
+            "in rows of a multiple of 8"
+        )
     if not _tiles_divide(m, k, n, t):
-        raise ValueError(f"dense_gelu kernel: (M, K, N) = {(m, k, n)} is not a multiple of {(t.m, t.k, 2 * t.n)}")
-    out = jax.ShapeDtypeStruct((m, n), x.dtype)
+        raise ValueError(f"{name} kernel: (M, K, N) = {(m, k, n)} is not a multiple of {(t.m, t.k, 2 * t.n)}")
+
+
+def _call(body, out_type, num_sms: int | None, interpret: bool, *operands: jax.Array):
+    """Runs a kernel body with one block per SM (`num_sms`: the device's) and three warpgroups each.
+    `interpret`: on the CPU, in Mosaic GPU's interpret mode (its semantics, not its speed), with its
+    race detector on (`interpret_races_found`)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    params = None
+    if interpret:  # Not yet exported by jax.experimental.pallas.mosaic_gpu (nor below).
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        params = InterpretGPUParams(detect_races=True)
     call = plgpu.kernel(
-        functools.partial(_kernel, t=t),
-        out_type=(out, out),
+        functools.partial(body, interpret=interpret),
+        out_type=out_type,
         grid=(num_sms or jax.devices()[0].core_count,),
         grid_names=("cluster_grid",),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=params,
     )
-    return call(x, kernel.astype(x.dtype), bias.astype(jnp.float32))
+    return call(*operands)
+
+
+def interpret_races_found() -> bool:
+    """Whether the last kernel run in interpret mode had a data race on its shared memory (the
+    detector also prints it)."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+    return gpu_callbacks._races is not None and gpu_callbacks._races.races_found
+
+
+def hopper_dense_gelu(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array,
+    t: Tiles = DEFAULT_TILES,
+    num_sms: int | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """(h, gelu(h)) with h = x @ kernel + bias, for 2-D bfloat16 x (M, K) and kernel (K, N) and a
+    bias (N,) of any float dtype (added in float32). One block per SM (`num_sms`: the device's),
+    each looping over output tiles; `interpret` runs it on the CPU. Raises ValueError for shapes
+    the tiles do not divide."""
+    (m, k), n = x.shape, kernel.shape[1]
+    _check_tiles("dense_gelu", m, k, n, t)
+    out = jax.ShapeDtypeStruct((m, n), x.dtype)
+    body = functools.partial(_dense_gelu_kernel, t=t)
+    return _call(body, (out, out), num_sms, interpret, x, kernel.astype(x.dtype), bias.astype(jnp.float32))
+
+
+def hopper_gelu_grad(
+    g: jax.Array,
+    kernel_t: jax.Array,
+    h: jax.Array,
+    t: Tiles = DEFAULT_TILES,
+    num_sms: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """The GELU's input gradient through the Dense after it, for 2-D bfloat16 g (M, K), kernel_t
+    (K, N) (that Dense's kernel, transposed) and the GELU's input h (M, N): dh = (g @ kernel_t) *
+    gelu'(h) (tanh form) in g's dtype, rounded once. The rest as `hopper_dense_gelu`."""
+    (m, k), n = g.shape, kernel_t.shape[1]
+    _check_tiles("gelu_grad", m, k, n, t)
+    if h.shape != (m, n):
+        raise ValueError(f"gelu_grad kernel: h has shape {h.shape}, not g @ kernel_t's {(m, n)}")
+    out = jax.ShapeDtypeStruct((m, n), g.dtype)
+    body = functools.partial(_gelu_grad_kernel, t=t)
+    return _call(body, out, num_sms, interpret, g, kernel_t.astype(g.dtype), h.astype(g.dtype))
 
 
 def _forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype):
@@ -226,3 +381,40 @@ def dense_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype) -
 
 
 dense_gelu.defvjp(_forward, _backward)
+
+
+def _mlp_forward(x, kernel_0, bias_0, kernel_1, bias_1, dtype):
+    y, (xc, _, _, h) = _forward(x, kernel_0, bias_0, dtype)
+    z = matmul.xla_matmul(y, kernel_1, bias_1, False, dtype)
+    return z, (xc, kernel_0, bias_0, h, y.astype(dtype), kernel_1, bias_1)
+
+
+def _mlp_backward(dtype: Dtype, residuals: tuple[jax.Array, ...], g: jax.Array):
+    xc, kernel_0, bias_0, h, yc, kernel_1, bias_1 = residuals
+    dy, dkernel_1, dbias_1 = matmul.xla_backward(dtype, (yc, kernel_1, bias_1), g)
+    if kernel_applies(g.shape, kernel_1.T.shape, dtype, g.dtype):
+        # dy's matmul is the kernel's (XLA drops the unused one) and its epilogue forms dh from the
+        # float32 product: dy is neither written nor read back, nor rounded before the GELU's slope.
+        dh = hopper_gelu_grad(g.reshape(-1, g.shape[-1]).astype(dtype), kernel_1.T, h.reshape(-1, h.shape[-1]))
+        dh = dh.reshape(h.shape)
+    else:
+        dh = gelu.input_gradient(h, dy, True)
+    dx, dkernel_0, dbias_0 = matmul.xla_backward(dtype, (xc, kernel_0, bias_0), dh)
+    return dx, dkernel_0, dbias_0, dkernel_1, dbias_1
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def mlp(
+    x: jax.Array, kernel_0: jax.Array, bias_0: jax.Array, kernel_1: jax.Array, bias_1: jax.Array, dtype: Dtype
+) -> jax.Array:
+    """The channel MLP without dropout, gelu(x @ kernel_0 + bias_0) @ kernel_1 + bias_1 over x's last
+    axis (tanh GELU), with matmul operands in `dtype` and the result in x's dtype. Where
+    `kernel_applies`, two Hopper kernels: `hopper_dense_gelu` in the forward pass, and in the
+    backward pass `hopper_gelu_grad`, the second Dense's input gradient with the GELU's in its
+    epilogue. Elsewhere, and for the other matmuls, XLA's, with gradients as
+    `matmul.xla_matmul(gelu.gelu(matmul.xla_matmul(...)), ...)`'s. The backward pass keeps x, h and
+    gelu(h)."""
+    return _mlp_forward(x, kernel_0, bias_0, kernel_1, bias_1, dtype)[0]
+
+
+mlp.defvjp(_mlp_forward, _mlp_backward)

@@ -192,11 +192,25 @@ class Dense(nn.Module):
         return y.reshape(self.features, *x.shape[1:])
 
 
+class DenseParams(nn.Module):
+    """A `Dense`'s parameters alone, under the same names (`kernel` of `shape`, `bias`), for a layer
+    whose arithmetic happens elsewhere (`dense_gelu.mlp`)."""
+
+    shape: tuple[int, int]
+    axes: tuple[str, str]
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        return _kernel_and_bias(self, self.shape, self.axes, self.param_dtype)
+
+
 class MlpBlock(nn.Module):
     """Dense -> GELU -> Dense back to the input width, over the last axis (`axis=-1`) or the leading
     one (`axis=0`). `axes` = (input axis, hidden axis) names. `recompute_gelu`: the GELU's backward
-    pass keeps only its input (`gelu.gelu`). `fused_gelu`: the first Dense and the GELU as
-    `dense_gelu.dense_gelu` (last axis, tanh GELU, XLA's layouts only)."""
+    pass keeps only its input (`gelu.gelu`). `fused_gelu` (last axis, tanh GELU, XLA's layouts only):
+    the whole MLP as `dense_gelu.mlp`, or with active dropout the first Dense and the GELU as
+    `dense_gelu.dense_gelu`."""
 
     mlp_dim: int
     axes: tuple[str, str]
@@ -230,6 +244,10 @@ class MlpBlock(nn.Module):
 
         if self.fused_gelu and not self.gelu_approximate:
             raise ValueError("fused_gelu computes the tanh GELU: it needs gelu_approximate=True")
+        if self.fused_gelu and self.axis == -1 and not self.plain_matmuls and (deterministic or not self.dropout_rate):
+            kernel_0, bias_0 = DenseParams((width, self.mlp_dim), self.axes, self.param_dtype, name="Dense_0")()
+            kernel_1, bias_1 = DenseParams((self.mlp_dim, width), self.axes[::-1], self.param_dtype, name="Dense_1")()
+            return dense_gelu.mlp(x.astype(self.dtype), kernel_0, bias_0, kernel_1, bias_1, _operand_dtype(self))
         y = dense(self.mlp_dim, (in_axis, hidden_axis), "Dense_0", self.fused_gelu)(x)
         if not self.fused_gelu:  # Else the Dense applied it.
             y = (gelu.gelu if self.recompute_gelu else nn.gelu)(y, self.gelu_approximate)
@@ -366,8 +384,9 @@ class MlpMixer(nn.Module):
 
     @property
     def fused_gelu(self) -> bool:
-        """Whether each channel MLP's first Dense and GELU are `dense_gelu.dense_gelu` (`matmuls="fused"`):
-        one Hopper kernel on a single H100/H200 in bfloat16, XLA's matmul and GELU elsewhere."""
+        """Whether each channel MLP is `dense_gelu.mlp` (`matmuls="fused"`): on a single H100/H200 in
+        bfloat16, Hopper kernels for its first Dense and GELU and for the GELU's input gradient;
+        XLA's matmuls and GELU elsewhere."""
         return self.matmuls == "fused"
 
     @property

@@ -1,5 +1,8 @@
-"""The fused Dense + GELU: values and gradients against jax.numpy and the unfused layer, its place in
-the model, and the Hopper kernel's lowering (the kernel itself runs only on an H100/H200)."""
+"""The fused Dense + GELU and the fused channel MLP: values and gradients against jax.numpy and the
+unfused layers, their place in the model, and the two Hopper kernels: their lowering, their
+semantics in Mosaic GPU's interpret mode on the CPU, and on an H100/H200 their numbers."""
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -60,6 +63,122 @@ def test_equals_the_unfused_layer(activations):
         np.testing.assert_allclose(np.asarray(got, F32), np.asarray(want, F32), rtol=1e-6, atol=1e-6)
 
 
+def relative_error(got, want) -> float:
+    got, want = np.asarray(got, F32), np.asarray(want, F32).reshape(np.shape(got))
+    assert np.isfinite(got).all()
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def mlp_operands(shape=(2, 128, 64), hidden=256, seed=0):
+    """x, kernel_0, bias_0, kernel_1, bias_1 for a channel MLP whose shapes the kernels' tiles divide."""
+    x, kernel_0, bias_0 = operands(shape, hidden, seed)
+    kk, kb = jax.random.split(jax.random.key(seed + 1))
+    return x, kernel_0, bias_0, 0.2 * jax.random.normal(kk, (hidden, shape[-1])), jax.random.normal(kb, (shape[-1],))
+
+
+def mlp_loss(fn):
+    """`loss` for an MLP's five operands."""
+
+    def f(x, *params):
+        y = fn(x, *params).astype(F32)
+        return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=F32).reshape(y.shape) / y.size)
+
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))
+
+
+def unfused_mlp(x, kernel_0, bias_0, kernel_1, bias_1):
+    h = gelu.gelu(matmul.xla_matmul(x, kernel_0, bias_0, False, BF16), True)
+    return matmul.xla_matmul(h, kernel_1, bias_1, False, BF16)
+
+
+def reference_mlp(x, kernel_0, bias_0, kernel_1, bias_1):
+    return jnp.dot(reference(x, kernel_0, bias_0), kernel_1, precision="highest") + bias_1
+
+
+@pytest.mark.parametrize("activations", [F32, BF16])
+def test_mlp_equals_the_unfused_layers(activations):
+    """Off the kernels, `mlp` is `xla_matmul(gelu(xla_matmul(...)))`, gradients included."""
+    args = mlp_operands((6, 4, 40), 56)
+    args = (args[0].astype(activations), *args[1:])
+    (got_value, got_grads) = mlp_loss(lambda *a: dense_gelu.mlp(*a, BF16))(*args)
+    (want_value, want_grads) = mlp_loss(unfused_mlp)(*args)
+    np.testing.assert_array_equal(got_value, want_value)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(np.asarray(got, F32), np.asarray(want, F32), rtol=1e-6, atol=1e-6)
+
+
+def check_kernels(k: int, n: int, interpret: bool = False) -> None:
+    """Both kernels on x (384, k) @ kernel (k, n) (2 blocks; `interpret`: in interpret mode, with no
+    race found) against float32: each result within bfloat16's rounding. Each block loops over many
+    tiles (reusing its epilogue buffers and barriers); small k has fewer k-steps than pipeline
+    stages, and n / 256 column tiles that the schedule's bands of 8 need not divide; the bias is
+    large."""
+    x, kernel, bias = operands((3, 128, k), n, seed=k + n)
+    x16, k16, bias = x.reshape(-1, k).astype(BF16), kernel.astype(BF16), 3 * bias
+    product = jnp.dot(x16.astype(F32), k16.astype(F32), precision="highest")
+    h_ref = product + bias
+    h, y = dense_gelu.hopper_dense_gelu(x16, k16, bias, num_sms=2, interpret=interpret)
+    assert not (interpret and dense_gelu.interpret_races_found())
+    assert relative_error(h, h_ref) < 4e-3 and relative_error(y, jax.nn.gelu(h_ref, approximate=True)) < 4e-3
+
+    h16 = h_ref.astype(BF16)  # The GELU's input, as the forward pass stored it.
+    dh_ref = product * gelu.derivative(h16, True)
+    dh = dense_gelu.hopper_gelu_grad(x16, k16, h16, num_sms=2, interpret=interpret)
+    assert not (interpret and dense_gelu.interpret_races_found())
+    assert dh.dtype == BF16 and relative_error(dh, dh_ref) < 4e-3
+
+
+def check_mlp_gradients(shape=(2, 128, 64), hidden=256) -> None:
+    """`mlp` through both kernels (as `dense_gelu.kernel_applies` and the kernels are at the call)
+    against float32: its output and all five gradients at least as close to float32's as the XLA
+    path's, which rounds h's product and dy to bfloat16 before it adds the bias and applies the
+    GELU's slope. The two bfloat16 paths differ from each other by as much as each differs from
+    float32, so comparing them with each other would test nothing sharper."""
+    x, *params = mlp_operands(shape, hidden, seed=hidden)
+    x16 = x.astype(BF16)
+    fused = [jax.jit(lambda *a: dense_gelu.mlp(*a, BF16))(x16, *params)]
+    fused += mlp_loss(lambda *a: dense_gelu.mlp(*a, BF16))(x16, *params)[1]
+    xla = [unfused_mlp(x16, *params), *mlp_loss(unfused_mlp)(x16, *params)[1]]
+    exact = [reference_mlp(x16, *params), *mlp_loss(reference_mlp)(x16, *params)[1]]
+    for got, alternative, want in zip(fused, xla, exact, strict=True):
+        error, xla_error = relative_error(got, want), relative_error(alternative, want)
+        assert error < 3e-2 and error <= 1.1 * xla_error, (error, xla_error)
+
+
+def count_kernel_calls(monkeypatch, **kernel_kwargs) -> dict[str, int]:
+    """Wraps both kernels with `kernel_kwargs` and counts their calls (traces), by name."""
+    calls = {}
+
+    def counted(name):
+        kernel = getattr(dense_gelu, name)
+
+        def call(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return kernel(*args, **kernel_kwargs, **kwargs)
+
+        return call
+
+    for name in ("hopper_dense_gelu", "hopper_gelu_grad"):
+        monkeypatch.setattr(dense_gelu, name, counted(name))
+    return calls
+
+
+def test_kernels_in_interpret_mode():
+    """Both kernels' arithmetic and tiling, run on the CPU in Mosaic GPU's interpret mode, whose race
+    detector finds no two warpgroups or copies touching the same shared memory unordered. (Its
+    copies to global memory complete at once, so it cannot see a missing wait for one.)"""
+    check_kernels(128, 768, interpret=True)
+
+
+def test_mlp_through_the_kernels_in_interpret_mode(monkeypatch):
+    monkeypatch.setattr(dense_gelu, "kernel_applies", lambda *a, **k: True)
+    calls = count_kernel_calls(monkeypatch, num_sms=2, interpret=True)
+    check_mlp_gradients()
+    # The forward kernel in the value and in the gradient's forward pass; the backward in the latter.
+    assert calls == {"hopper_dense_gelu": 2, "hopper_gelu_grad": 1}
+
+
 def test_kernel_applies_only_on_one_hopper_gpu():
     if jax.default_backend() != "cpu":
         pytest.skip("the CPU's answer")
@@ -67,62 +186,77 @@ def test_kernel_applies_only_on_one_hopper_gpu():
 
 
 @pytest.mark.parametrize("k,n", [(64, 1280), (128, 256), (768, 3072)])
-def test_kernel_matches_float32_on_hopper(k, n):
-    """Few blocks (each loops over many tiles: the bias buffer and its barrier are reused), fewer
-    k-steps than pipeline stages, column tiles that the schedule's bands do not divide, a large
-    bias; then the gradients through the kernel against float32's, next to the XLA path's.
-
-    The kernel rounds h once (float32 sum plus bias), the XLA path twice (the product, then the
-    sum with the bias), so the kernel's gradients must be at least as close to float32's. The two
-    bfloat16 paths differ from each other by as much as each differs from float32 (2.2% in the bias
-    gradient at K=768), so comparing them with each other would test nothing sharper."""
+def test_kernels_match_float32_on_hopper(k, n):
+    """The kernels on the card, then `mlp`'s and `dense_gelu`'s gradients through them. The kernels
+    round h once (float32 sum plus bias) and dh once (float32 product times the slope); the XLA path
+    rounds each twice, so the kernels' gradients must be at least as close to float32's."""
     if not dense_gelu.kernel_applies((384, k), (k, n), BF16):
         pytest.skip("needs one H100/H200")
+    check_kernels(k, n)
+    with pytest.MonkeyPatch.context() as patch:
+        calls = count_kernel_calls(patch)
+        check_mlp_gradients((3, 128, k), n)
+    assert calls == {"hopper_dense_gelu": 2, "hopper_gelu_grad": 1}
     x, kernel, bias = operands((3, 128, k), n, seed=k + n)
-    bias = 3 * bias
-    x16, k16 = x.astype(BF16), kernel.astype(BF16)
-    h_ref = jnp.dot(x16.astype(F32), k16.astype(F32), precision="highest") + bias
-    h, y = dense_gelu.hopper_dense_gelu(x16.reshape(-1, k), k16, bias, num_sms=2)
-    for got, want in ((h, h_ref), (y, jax.nn.gelu(h_ref, approximate=True))):
-        want = np.asarray(want).reshape(got.shape)
-        assert np.isfinite(np.asarray(got, F32)).all()
-        assert np.linalg.norm(np.asarray(got, F32) - want) / np.linalg.norm(want) < 4e-3
+    x16 = x.astype(BF16)
     fused = loss(lambda *a: dense_gelu.dense_gelu(*a, BF16))(x16, kernel, bias)
     unfused = loss(lambda x, k, b: gelu.gelu(matmul.xla_matmul(x, k, b, False, BF16), True))(x16, kernel, bias)
     exact = loss(reference)(x16, kernel, bias)
     for got, xla, want in zip(*(jax.tree.leaves(r) for r in (fused, unfused, exact)), strict=True):
-        got, xla, want = (np.asarray(a, F32) for a in (got, xla, want))
-        error, xla_error = (np.linalg.norm(a - want) / np.linalg.norm(want) for a in (got, xla))
+        error, xla_error = relative_error(got, want), relative_error(xla, want)
         assert error < 3e-2 and error <= 1.1 * xla_error, (error, xla_error)
 
 
-def test_kernel_lowers_for_hopper_and_refuses_untiled_shapes():
-    """The kernel's Mosaic GPU lowering (layouts, shared memory within 227 KiB) runs without a GPU."""
-    x = jax.ShapeDtypeStruct((50176, 768), BF16)  # B/16's channel MLP at batch 256.
+def test_kernels_lower_for_hopper_and_refuse_untiled_shapes():
+    """Both kernels' Mosaic GPU lowering (layouts, shared memory within 227 KiB) runs without a GPU,
+    at B/16's channel MLP at batch 256."""
+    x = jax.ShapeDtypeStruct((50176, 768), BF16)
     k = jax.ShapeDtypeStruct((768, 3072), BF16)
     b = jax.ShapeDtypeStruct((3072,), F32)
-    exported = jax.export.export(
-        jax.jit(lambda x, k, b: dense_gelu.hopper_dense_gelu(x, k, b, num_sms=132)), platforms=["cuda"]
-    )(x, k, b)
-    assert "mosaic_gpu" in exported.mlir_module()
-    assert [o.shape for o in exported.out_avals] == [(50176, 3072)] * 2
+    h = jax.ShapeDtypeStruct((50176, 3072), BF16)
+    for kernel, operand, out_shapes in (
+        (dense_gelu.hopper_dense_gelu, b, [(50176, 3072)] * 2),
+        (dense_gelu.hopper_gelu_grad, h, [(50176, 3072)]),
+    ):
+        fn = jax.jit(functools.partial(kernel, num_sms=132))
+        exported = jax.export.export(fn, platforms=["cuda"])(x, k, operand)
+        assert "mosaic_gpu" in exported.mlir_module()
+        assert [o.shape for o in exported.out_avals] == out_shapes
+    x100, k100 = jnp.zeros((100, 768), BF16), jnp.zeros((768, 3072), BF16)
     with pytest.raises(ValueError, match=r"\(M, K, N\) = \(100, 768, 3072\) is not a multiple of \(128, 64, 256\)"):
-        dense_gelu.hopper_dense_gelu(jnp.zeros((100, 768), BF16), jnp.zeros((768, 3072), BF16), jnp.zeros(3072))
+        dense_gelu.hopper_dense_gelu(x100, k100, jnp.zeros(3072))
+    with pytest.raises(ValueError, match=r"gelu_grad kernel: \(M, K, N\) = \(100, 768, 3072\)"):
+        dense_gelu.hopper_gelu_grad(x100, k100, jnp.zeros((100, 3072), BF16))
+    with pytest.raises(ValueError, match=r"h has shape \(128, 768\), not g @ kernel_t's \(128, 3072\)"):
+        dense_gelu.hopper_gelu_grad(jnp.zeros((128, 768), BF16), k100, jnp.zeros((128, 768), BF16))
 
 
-def test_model_with_fused_matmuls_keeps_its_parameters_and_function():
-    xla = models.create("Mu/4", num_classes=5, image_size=16, matmuls="xla", gelu_backward="recompute")
+@pytest.mark.parametrize("dropout_rate", [0.0, 0.2])
+def test_model_with_fused_matmuls_keeps_its_parameters_and_function(dropout_rate, monkeypatch):
+    """The same parameters (names and initial values) and, off the kernels, the same values and
+    gradients as `matmuls="xla"`. Without dropout each channel MLP is one `dense_gelu.mlp`; with
+    dropout between its Dense layers, `dense_gelu.dense_gelu` and a Dense."""
+    calls = []
+    monkeypatch.setattr(dense_gelu, "mlp", lambda *a, mlp=dense_gelu.mlp: calls.append(1) or mlp(*a))
+    xla = models.create(
+        "Mu/4", num_classes=5, image_size=16, matmuls="xla", gelu_backward="recompute", dropout_rate=dropout_rate
+    )
     fused = xla.clone(matmuls="fused")
     assert fused.fused_gelu and not xla.fused_gelu
     x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 3), minval=-1, maxval=1)
     params = nn.unbox(xla.init(jax.random.key(0), x)["params"])
-    assert jax.tree.structure(params) == jax.tree.structure(nn.unbox(fused.init(jax.random.key(0), x)["params"]))
+    jax.tree.map(np.testing.assert_array_equal, nn.unbox(fused.init(jax.random.key(0), x)["params"]), params)
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
 
     def value_and_grad(model):
-        return jax.jit(jax.value_and_grad(lambda p: jnp.sum(model.apply({"params": p}, x, train=True) ** 2)))(params)
+        def loss(p):
+            return jnp.sum(model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(3)}) ** 2)
 
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    calls.clear()
     (want, want_grads), (got, got_grads) = value_and_grad(xla), value_and_grad(fused)
+    assert len(calls) == (0 if dropout_rate else xla.num_blocks)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), got_grads, want_grads)
 
