@@ -22,14 +22,24 @@ def operands(shape=(6, 4, 40), n=56, seed=0):
     return x, 0.2 * jax.random.normal(kk, (shape[-1], n)), jax.random.normal(kb, (n,))
 
 
-def loss(fn):
-    """A scalar whose gradient sends a non-uniform cotangent into `fn`."""
+def loss(fn, num_operands=3):
+    """A scalar whose gradient sends a non-uniform cotangent into `fn`, with its value and the
+    gradients with respect to all `num_operands` operands."""
 
-    def f(x, kernel, bias):
-        y = fn(x, kernel, bias).astype(F32)
+    def f(*args):
+        y = fn(*args).astype(F32)
         return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=F32).reshape(y.shape) / y.size)
 
-    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+    return jax.jit(jax.value_and_grad(f, argnums=tuple(range(num_operands))))
+
+
+def assert_same_value_and_gradients(got, want):
+    """`loss` results equal: the value exactly, the gradients in the same dtypes and to 1e-6."""
+    (got_value, got_grads), (want_value, want_grads) = got, want
+    np.testing.assert_array_equal(got_value, want_value)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(np.asarray(got, F32), np.asarray(want, F32), rtol=1e-6, atol=1e-6)
 
 
 def reference(x, kernel, bias):
@@ -56,11 +66,7 @@ def test_equals_the_unfused_layer(activations):
     x = x.astype(activations)
     fused = loss(lambda *a: dense_gelu.dense_gelu(*a, BF16))
     unfused = loss(lambda x, k, b: gelu.gelu(matmul.xla_matmul(x, k, b, False, BF16), True))
-    (got_value, got_grads), (want_value, want_grads) = fused(x, kernel, bias), unfused(x, kernel, bias)
-    np.testing.assert_array_equal(got_value, want_value)
-    for got, want in zip(got_grads, want_grads, strict=True):
-        assert got.dtype == want.dtype
-        np.testing.assert_allclose(np.asarray(got, F32), np.asarray(want, F32), rtol=1e-6, atol=1e-6)
+    assert_same_value_and_gradients(fused(x, kernel, bias), unfused(x, kernel, bias))
 
 
 def relative_error(got, want) -> float:
@@ -77,13 +83,7 @@ def mlp_operands(shape=(2, 128, 64), hidden=256, seed=0):
 
 
 def mlp_loss(fn):
-    """`loss` for an MLP's five operands."""
-
-    def f(x, *params):
-        y = fn(x, *params).astype(F32)
-        return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=F32).reshape(y.shape) / y.size)
-
-    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))
+    return loss(fn, num_operands=5)
 
 
 def unfused_mlp(x, kernel_0, bias_0, kernel_1, bias_1):
@@ -100,12 +100,7 @@ def test_mlp_equals_the_unfused_layers(activations):
     """Off the kernels, `mlp` is `xla_matmul(gelu(xla_matmul(...)))`, gradients included."""
     args = mlp_operands((6, 4, 40), 56)
     args = (args[0].astype(activations), *args[1:])
-    (got_value, got_grads) = mlp_loss(lambda *a: dense_gelu.mlp(*a, BF16))(*args)
-    (want_value, want_grads) = mlp_loss(unfused_mlp)(*args)
-    np.testing.assert_array_equal(got_value, want_value)
-    for got, want in zip(got_grads, want_grads, strict=True):
-        assert got.dtype == want.dtype
-        np.testing.assert_allclose(np.asarray(got, F32), np.asarray(want, F32), rtol=1e-6, atol=1e-6)
+    assert_same_value_and_gradients(mlp_loss(lambda *a: dense_gelu.mlp(*a, BF16))(*args), mlp_loss(unfused_mlp)(*args))
 
 
 def check_kernels(k: int, n: int, interpret: bool = False) -> None:
