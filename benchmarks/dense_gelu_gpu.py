@@ -3,11 +3,12 @@
     python benchmarks/dense_gelu_gpu.py [--rows=50176] [--width=768] [--hidden=3072]
 
 Times (median of 5 x 20 calls), forward: XLA's matmul followed by its bias and GELU pass, XLA's
-matmul alone, and `hopper_dense_gelu` in three tilings. Backward: the GELU's input gradient dh
-through the second Dense and the first bias's gradient, as XLA computes them (a matmul writes dy,
-one pass forms dh and sums it) and with `hopper_gelu_grad` (dh in the matmul's epilogue, XLA's sum),
-and each kernel alone. Prints one JSON line per variant, with relative errors against a float32
-reference. The defaults are B/16's channel MLP at batch 256 (196 tokens x 256 images).
+matmul alone, and `hopper_dense_gelu` in three tilings and with the accurate tanh. Backward: the
+GELU's input gradient dh through the second Dense and the first bias's gradient, as XLA computes them
+(a matmul writes dy, one pass forms dh and sums it) and with `hopper_gelu_grad` (dh in the matmul's
+epilogue, XLA's sum), and the kernel alone with either tanh. Prints one JSON line per variant, with
+relative errors against a float32 reference. The defaults are B/16's channel MLP at batch 256 (196
+tokens x 256 images).
 """
 
 import argparse
@@ -24,6 +25,8 @@ import numpy as np
 from mixer_jax import dense_gelu, gelu
 
 BF16 = jnp.bfloat16
+# The kernels with the math library's accurate tanh instead of the default tanh.approx.f32.
+EXACT_TANH = dataclasses.replace(dense_gelu.DEFAULT_TILES, approx_tanh=False)
 
 
 def median_ms(f, *args, calls=20, rounds=5):
@@ -74,6 +77,7 @@ def main() -> None:
         ("default", dense_gelu.DEFAULT_TILES),
         ("snake4", dataclasses.replace(dense_gelu.DEFAULT_TILES, snake=4)),
         ("n64_stages4", dataclasses.replace(dense_gelu.DEFAULT_TILES, n=64, stages=4)),
+        ("exact_tanh", EXACT_TANH),
     ]:
         try:
             ms, (h, y) = median_ms(jax.jit(lambda x, w, b, t=t: dense_gelu.hopper_dense_gelu(x, w, b, t)), x, w, b)
@@ -105,11 +109,12 @@ def main() -> None:
             report(name, ms, err_dh=error(dh, dh_ref), err_db=error(db, db_ref))
         except Exception:
             print(json.dumps({"name": name, "error": traceback.format_exc()[-800:]}))
-    try:
-        ms, _ = median_ms(jax.jit(dense_gelu.hopper_gelu_grad), g, w, h)
-        report("fused_grad_alone", ms)
-    except Exception:
-        print(json.dumps({"name": "fused_grad_alone", "error": traceback.format_exc()[-800:]}))
+    for name, t in (("fused_grad_alone", dense_gelu.DEFAULT_TILES), ("fused_grad_alone_exact_tanh", EXACT_TANH)):
+        try:
+            ms, dh = median_ms(jax.jit(lambda g, w, h, t=t: dense_gelu.hopper_gelu_grad(g, w, h, t)), g, w, h)
+            report(name, ms, err_dh=error(dh, dh_ref))
+        except Exception:
+            print(json.dumps({"name": name, "error": traceback.format_exc()[-800:]}))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # B/16 training on one GPU, bfloat16: MFU against the card's dense bf16 peak and its own large matmul,
-# batch doubling up to the largest that fits, compile times (B/16 and H/14, scanned), a profile
-# of the step, and timm's eager PyTorch B/16 under torch.autocast on the same card.
+# batch doubling up to the largest that fits, compile times (B/16 and H/14, scanned), profiles
+# of the step with XLA's matmuls and with dense_gelu's kernels, and timm's eager PyTorch B/16 under
+# torch.autocast on the same card.
 #
 #   benchmarks/gpu.sh [OUTDIR=runs/gpu]
 #
 # VARIANT (B/16), BIG (H/14, compile time only) and BATCH (256, then doubled) change the models.
-# Writes OUTDIR/NAME.json (one `bench` result each), OUTDIR/profile/ (trace, ops.tsv, step.hlo.txt)
-# and prints a table last. XLA may take 95% of the card (XLA_PYTHON_CLIENT_MEM_FRACTION).
+# Writes OUTDIR/NAME.json (one `bench` result each), OUTDIR/profile/ and OUTDIR/profile_fused/ (trace,
+# ops.tsv, step.hlo.txt) and prints a table last. XLA may take 95% of the card
+# (XLA_PYTHON_CLIENT_MEM_FRACTION).
 #
 # Measured on H100 80GB HBM3 cards (jax 0.11.2), B/16 bf16, batch 256: 4540-4690 images/s, 343-354
 # TFLOP/s, 0.35-0.36 of the dense bf16 spec (989 TFLOP/s), 0.51-0.56 of the same card's 8192^3
@@ -39,8 +41,9 @@ bench() {  # NAME [bench train flags...]: one run, its JSON kept in OUTDIR/NAME.
 
 bf16=(--variant="$variant" --dtype=bfloat16 --steps=10)
 bench "bs$batch" "${bf16[@]}" --batch="$batch" --profile_dir="$out/profile"
-# The channel MLPs on dense_gelu's Hopper kernels (forward and the GELU's input gradient).
-bench "bs${batch}_fused" "${bf16[@]}" --batch="$batch" --matmuls=fused
+# The channel MLPs on dense_gelu's Hopper kernels (forward and the GELU's input gradient), profiled
+# too, to compare op by op with the default's.
+bench "bs${batch}_fused" "${bf16[@]}" --batch="$batch" --matmuls=fused --profile_dir="$out/profile_fused"
 # Autodiff's GELU backward pass, which keeps the tanh too (the GPU default keeps only the GELU's input).
 bench "bs${batch}_gelu_saved" "${bf16[@]}" --batch="$batch" --gelu_backward=saved
 # The LayerNorm backward pass that keeps only the input and row statistics (so far the default for
@@ -66,7 +69,7 @@ import glob, json, os, sys
 def cell(value, spec):
     return format(value, spec) if value is not None else "-".rjust(int(spec.split(".")[0]))
 
-last = profiled = None
+last, profiled = None, []
 print(f"{'run':<22}{'img/s':>8}{'TFLOP/s':>9}{'vs matmul':>10}{'vs spec':>9}{'compile s':>10}{'peak GiB':>9}")
 for path in sorted(glob.glob(f"{sys.argv[1]}/*.json"), key=os.path.getmtime):
     r = json.load(open(path))
@@ -76,11 +79,11 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/*.json"), key=os.path.getmtime):
         continue
     last = r
     if r.get("device_ms_per_step"):
-        profiled = (name, r["device_ms_per_step"], r["matmul_ms_per_step"], r["step_s"] * 1e3)
+        profiled.append((name, r["matmul_ms_per_step"], r["device_ms_per_step"], r["step_s"] * 1e3))
     print(f"{name:<22}{cell(r['images_per_s'], '8.0f')}{cell(r['tflops'], '9.1f')}{cell(r['mfu_vs_matmul'], '10.3f')}"
           f"{cell(r['mfu_vs_spec'], '9.3f')}{r['compile_s']:10.1f}{r['peak_memory_bytes'] / 2**30:9.1f}")
-if profiled:
-    print("%s: matmul kernels %.1f of %.1f ms of device time per step (step %.1f ms)" % profiled)
+for p in profiled:
+    print("%s: matmul kernels %.1f of %.1f ms of device time per step (step %.1f ms)" % p)
 if last is None:
     sys.exit("no run succeeded: see the .log files")
 print(f"{last['variant']}, {last['device']}: large matmul {last['matmul_tflops']:.0f} TFLOP/s, "

@@ -2,6 +2,7 @@
 unfused layers, their place in the model, and the two Hopper kernels: their lowering, their
 semantics in Mosaic GPU's interpret mode on the CPU, and on an H100/H200 their numbers."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -204,7 +205,8 @@ def test_kernels_match_float32_on_hopper(k, n):
 
 def test_kernels_lower_for_hopper_and_refuse_untiled_shapes():
     """Both kernels' Mosaic GPU lowering (layouts, shared memory within 227 KiB) runs without a GPU,
-    at B/16's channel MLP at batch 256."""
+    at B/16's channel MLP at batch 256, with the tanh instruction by default and the accurate tanh
+    on request."""
     x = jax.ShapeDtypeStruct((50176, 768), BF16)
     k = jax.ShapeDtypeStruct((768, 3072), BF16)
     b = jax.ShapeDtypeStruct((3072,), F32)
@@ -213,10 +215,15 @@ def test_kernels_lower_for_hopper_and_refuse_untiled_shapes():
         (dense_gelu.hopper_dense_gelu, b, [(50176, 3072)] * 2),
         (dense_gelu.hopper_gelu_grad, h, [(50176, 3072)]),
     ):
-        fn = jax.jit(functools.partial(kernel, num_sms=132))
-        exported = jax.export.export(fn, platforms=["cuda"])(x, k, operand)
-        assert "mosaic_gpu" in exported.mlir_module()
-        assert [o.shape for o in exported.out_avals] == out_shapes
+        for t, approx in (
+            (dense_gelu.DEFAULT_TILES, True),
+            (dataclasses.replace(dense_gelu.DEFAULT_TILES, approx_tanh=False), False),
+        ):
+            fn = jax.jit(functools.partial(kernel, t=t, num_sms=132))
+            exported = jax.export.export(fn, platforms=["cuda"])(x, k, operand)
+            assert "mosaic_gpu" in exported.mlir_module()
+            assert ("tanh.approx.f32" in exported.mlir_module()) == approx
+            assert [o.shape for o in exported.out_avals] == out_shapes
     x100, k100 = jnp.zeros((100, 768), BF16), jnp.zeros((768, 3072), BF16)
     with pytest.raises(ValueError, match=r"\(M, K, N\) = \(100, 768, 3072\) is not a multiple of \(128, 64, 256\)"):
         dense_gelu.hopper_dense_gelu(x100, k100, jnp.zeros(3072))
