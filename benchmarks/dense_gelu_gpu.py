@@ -3,12 +3,12 @@
     python benchmarks/dense_gelu_gpu.py [--rows=50176] [--width=768] [--hidden=3072]
 
 Times (median of 5 x 20 calls), forward: XLA's matmul followed by its bias and GELU pass, XLA's
-matmul alone, and `hopper_dense_gelu` in three tilings and with the accurate tanh. Backward: the
-GELU's input gradient dh through the second Dense and the first bias's gradient, as XLA computes them
-(a matmul writes dy, one pass forms dh and sums it) and with `hopper_gelu_grad` (dh in the matmul's
-epilogue, XLA's sum), and the kernel alone with either tanh. Prints one JSON line per variant, with
-relative errors against a float32 reference. The defaults are B/16's channel MLP at batch 256 (196
-tokens x 256 images).
+matmul alone, and `hopper_dense_gelu` in three tilings, with the accurate tanh, and without h.
+Backward: the GELU's input gradient dh through the second Dense and the first bias's gradient, as XLA
+computes them (a matmul writes dy, one pass forms dh and sums it) and with `hopper_gelu_grad` (dh in
+the matmul's epilogue, XLA's sum), and the kernel alone with either tanh. Prints one JSON line per
+variant, with relative errors against a float32 reference. The defaults are B/16's channel MLP at
+batch 256 (196 tokens x 256 images).
 """
 
 import argparse
@@ -84,6 +84,11 @@ def main() -> None:
             report(f"fused_{name}", ms, err_h=error(h, h_ref), err_y=error(y, y_ref))
         except Exception:  # A tiling that does not fit this card's shared memory, say.
             print(json.dumps({"name": f"fused_{name}", "error": traceback.format_exc()[-800:]}))
+    try:  # Evaluation's and inference's forward pass, which needs no h.
+        ms, (_, y) = median_ms(jax.jit(lambda x, w, b: dense_gelu.hopper_dense_gelu(x, w, b, keep_h=False)), x, w, b)
+        report("fused_without_h", ms, err_y=error(y, y_ref))
+    except Exception:
+        print(json.dumps({"name": "fused_without_h", "error": traceback.format_exc()[-800:]}))
 
     # Backward: g, the cotangent of the second Dense's output (rows, width), through its kernel
     # transposed, (width, hidden): w's shape again.

@@ -49,6 +49,9 @@ bench "bs${batch}_gelu_saved" "${bf16[@]}" --batch="$batch" --gelu_backward=save
 # The LayerNorm backward pass that keeps only the input and row statistics (so far the default for
 # float32 activations on CPU only).
 bench "bs${batch}_layer_norm_recompute" "${bf16[@]}" --batch="$batch" --layer_norm_backward=recompute
+# XLA's rewrite of LayerNorm (forward and backward) into cuDNN's norm kernels, off by default.
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cudnn_layer_norm=true" \
+  bench "bs${batch}_cudnn_layer_norm" "${bf16[@]}" --batch="$batch"
 # Doubling the batch until it no longer fits. XLA:GPU rematerializes to fit large batches, so peak
 # memory does not extrapolate: each size is compiled and run.
 for n in 2 4 8 16; do

@@ -14,8 +14,9 @@ dy is never stored, nor rounded before the GELU's slope. XLA sums dh for the bia
 Both are one persistent, warp-specialized Pallas Mosaic GPU kernel body with different epilogues:
 one warpgroup feeds the shared-memory pipeline with TMA copies, two issue WGMMAs, each on its own
 128-column half of a block's 128 x 256 output tile. `dense_gelu` is the forward kernel behind a
-custom VJP; `mlp`, the whole channel MLP without dropout, uses both kernels. `interpret=True` runs
-either kernel on the CPU in Mosaic GPU's interpret mode (tests/test_dense_gelu.py).
+custom VJP; `mlp`, the whole channel MLP without dropout, uses both kernels. Outside a gradient
+(evaluation, inference) the forward kernel writes gelu(h) alone. `interpret=True` runs either kernel
+on the CPU in Mosaic GPU's interpret mode (tests/test_dense_gelu.py).
 
 Measured on an H100 (B/16 at batch 256: x (50176, 768), kernel (768, 3072), bfloat16; see
 benchmarks/dense_gelu_gpu.py): the forward kernel 0.495 ms against 0.631 ms for XLA's matmul and
@@ -190,16 +191,17 @@ def _persistent_matmul(x_gmem, w_gmem, *, t: Tiles, scratch: dict[str, Any], pre
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _dense_gelu_kernel(x_gmem, w_gmem, b_gmem, h_gmem, y_gmem, *, t: Tiles, interpret: bool):
-    """h = x @ w + b and y = gelu(h), written from the float32 accumulator."""
+def _dense_gelu_kernel(x_gmem, w_gmem, b_gmem, *out_gmem, t: Tiles, interpret: bool):
+    """h = x @ w + b and y = gelu(h), written from the float32 accumulator: `out_gmem` is (h, y), or
+    (y,) alone."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     dtype = x_gmem.dtype
     scratch = dict(
-        # (h or y, warpgroup, slot): each warpgroup alternates two slots, so that it fills one while
+        # (output, warpgroup, slot): each warpgroup alternates two slots, so that it fills one while
         # the TMA engine still reads the other.
-        out_smem=plgpu.SMEM((2, 2, 2, t.epi_m, t.epi_n), dtype, transforms=_swizzled(dtype, t.epi_n)),
+        out_smem=plgpu.SMEM((len(out_gmem), 2, 2, t.epi_m, t.epi_n), dtype, transforms=_swizzled(dtype, t.epi_n)),
         b_smem=plgpu.SMEM((2, t.n), jnp.float32),
         b_barrier=plgpu.Barrier(num_barriers=2),
     )
@@ -221,14 +223,16 @@ def _dense_gelu_kernel(x_gmem, w_gmem, b_gmem, h_gmem, y_gmem, *, t: Tiles, inte
                 piece = acc[em * t.epi_m : (em + 1) * t.epi_m, en * t.epi_n : (en + 1) * t.epi_n]
                 bias = _load(b_smem.at[wg, pl.ds(en * t.epi_n, t.epi_n)], plgpu.Layout.WGMMA.reduce(0), interpret)
                 h = piece + lax.broadcast_in_dim(bias, piece.shape, [1])
-                out_smem[0, wg, slot] = h.astype(dtype)
-                out_smem[1, wg, slot] = jax.nn.gelu(h, approximate=True).astype(dtype)
+                values = (h, jax.nn.gelu(h, approximate=True))[-len(out_gmem) :]
+                for i, value in enumerate(values):
+                    out_smem[i, wg, slot] = value.astype(dtype)
                 plgpu.commit_smem()
                 rows = pl.ds(mi * t.m + em * t.epi_m, t.epi_m)
                 cols = pl.ds(columns + en * t.epi_n, t.epi_n)
-                # One copy group for both: the next wait covers the slot's pair.
-                plgpu.copy_smem_to_gmem(out_smem.at[0, wg, slot], h_gmem.at[rows, cols], commit_group=False)
-                plgpu.copy_smem_to_gmem(out_smem.at[1, wg, slot], y_gmem.at[rows, cols])
+                # One copy group for the slot's outputs: the next wait covers them all.
+                for i, gmem in enumerate(out_gmem):
+                    last = i == len(out_gmem) - 1
+                    plgpu.copy_smem_to_gmem(out_smem.at[i, wg, slot], gmem.at[rows, cols], commit_group=last)
 
     _persistent_matmul(x_gmem, w_gmem, t=t, scratch=scratch, prefetch=prefetch, epilogue=epilogue)
 
@@ -330,16 +334,19 @@ def hopper_dense_gelu(
     t: Tiles = DEFAULT_TILES,
     num_sms: int | None = None,
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:
+    keep_h: bool = True,
+) -> tuple[jax.Array | None, jax.Array]:
     """(h, gelu(h)) with h = x @ kernel + bias, for 2-D bfloat16 x (M, K) and kernel (K, N) and a
-    bias (N,) of any float dtype (added in float32). One block per SM (`num_sms`: the device's),
-    each looping over output tiles; `interpret` runs it on the CPU. Raises ValueError for shapes
-    the tiles do not divide."""
+    bias (N,) of any float dtype (added in float32). `keep_h=False` writes gelu(h) alone (and
+    returns None for h): half the kernel's writes where no backward pass needs h. One block per SM
+    (`num_sms`: the device's), each looping over output tiles; `interpret` runs it on the CPU.
+    Raises ValueError for shapes the tiles do not divide."""
     (m, k), n = x.shape, kernel.shape[1]
     _check_tiles("dense_gelu", m, k, n, t)
-    out = jax.ShapeDtypeStruct((m, n), x.dtype)
+    outs = (jax.ShapeDtypeStruct((m, n), x.dtype),) * (2 if keep_h else 1)
     body = functools.partial(_dense_gelu_kernel, t=t)
-    return _call(body, (out, out), t, num_sms, interpret, x, kernel.astype(x.dtype), bias.astype(jnp.float32))
+    results = _call(body, outs, t, num_sms, interpret, x, kernel.astype(x.dtype), bias.astype(jnp.float32))
+    return tuple(results) if keep_h else (None, results[0])
 
 
 def hopper_gelu_grad(
@@ -362,12 +369,14 @@ def hopper_gelu_grad(
     return _call(body, out, t, num_sms, interpret, g, kernel_t.astype(g.dtype), h.astype(g.dtype))
 
 
-def _forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype):
+def _forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype, keep_h: bool = True):
+    """gelu(h) and the residuals of `_backward`; without `keep_h` (no backward pass follows) the
+    kernel does not write h."""
     xc = x.astype(dtype)
     if kernel_applies(x.shape, kernel.shape, dtype, x.dtype):
-        h, y = hopper_dense_gelu(xc.reshape(-1, x.shape[-1]), kernel, bias)
+        h, y = hopper_dense_gelu(xc.reshape(-1, x.shape[-1]), kernel, bias, keep_h=keep_h)
         shape = (*x.shape[:-1], kernel.shape[1])
-        h, y = h.reshape(shape), y.reshape(shape)
+        h, y = h if h is None else h.reshape(shape), y.reshape(shape)
     else:
         h = matmul.xla_matmul(x, kernel, bias, False, dtype)
         y = jax.nn.gelu(h, approximate=True)
@@ -384,15 +393,15 @@ def dense_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype) -
     """gelu(x @ kernel + bias) (tanh form) over x's last axis, with matmul operands in `dtype` and the
     result in x's dtype: the Hopper kernel where `kernel_applies`, else `matmul.xla_matmul` and
     `jax.nn.gelu`. Gradients as `gelu.gelu(matmul.xla_matmul(...))`'s (the backward pass keeps x
-    and h)."""
-    return _forward(x, kernel, bias, dtype)[0]
+    and h; without one, the kernel writes gelu(h) alone)."""
+    return _forward(x, kernel, bias, dtype, keep_h=False)[0]
 
 
 dense_gelu.defvjp(_forward, _backward)
 
 
-def _mlp_forward(x, kernel_0, bias_0, kernel_1, bias_1, dtype):
-    y, (xc, _, _, h) = _forward(x, kernel_0, bias_0, dtype)
+def _mlp_forward(x, kernel_0, bias_0, kernel_1, bias_1, dtype, keep_h=True):
+    y, (xc, _, _, h) = _forward(x, kernel_0, bias_0, dtype, keep_h)
     z = matmul.xla_matmul(y, kernel_1, bias_1, False, dtype)
     return z, (xc, kernel_0, bias_0, h, y.astype(dtype), kernel_1, bias_1)
 
@@ -421,8 +430,8 @@ def mlp(
     backward pass `hopper_gelu_grad`, the second Dense's input gradient with the GELU's in its
     epilogue. Elsewhere, and for the other matmuls, XLA's, with gradients as
     `matmul.xla_matmul(gelu.gelu(matmul.xla_matmul(...)), ...)`'s. The backward pass keeps x, h and
-    gelu(h)."""
-    return _mlp_forward(x, kernel_0, bias_0, kernel_1, bias_1, dtype)[0]
+    gelu(h); without one (evaluation, inference), the forward kernel writes gelu(h) alone."""
+    return _mlp_forward(x, kernel_0, bias_0, kernel_1, bias_1, dtype, keep_h=False)[0]
 
 
 mlp.defvjp(_mlp_forward, _mlp_backward)

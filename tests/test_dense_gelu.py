@@ -109,7 +109,7 @@ def check_kernels(k: int, n: int, interpret: bool = False) -> None:
     race found) against float32: each result within bfloat16's rounding. Each block loops over many
     tiles (reusing its epilogue buffers and barriers); small k has fewer k-steps than pipeline
     stages, and n / 256 column tiles that the schedule's bands of 8 need not divide; the bias is
-    large."""
+    large. Without h, the forward kernel writes the same gelu(h)."""
     x, kernel, bias = operands((3, 128, k), n, seed=k + n)
     x16, k16, bias = x.reshape(-1, k).astype(BF16), kernel.astype(BF16), 3 * bias
     product = jnp.dot(x16.astype(F32), k16.astype(F32), precision="highest")
@@ -117,6 +117,10 @@ def check_kernels(k: int, n: int, interpret: bool = False) -> None:
     h, y = dense_gelu.hopper_dense_gelu(x16, k16, bias, num_sms=2, interpret=interpret)
     assert not (interpret and dense_gelu.interpret_races_found())
     assert relative_error(h, h_ref) < 4e-3 and relative_error(y, jax.nn.gelu(h_ref, approximate=True)) < 4e-3
+    no_h, y_alone = dense_gelu.hopper_dense_gelu(x16, k16, bias, num_sms=2, interpret=interpret, keep_h=False)
+    assert not (interpret and dense_gelu.interpret_races_found())
+    assert no_h is None
+    np.testing.assert_array_equal(y_alone, y)
 
     h16 = h_ref.astype(BF16)  # The GELU's input, as the forward pass stored it.
     dh_ref = product * gelu.derivative(h16, True)
@@ -143,14 +147,16 @@ def check_mlp_gradients(shape=(2, 128, 64), hidden=256) -> None:
 
 
 def count_kernel_calls(monkeypatch, **kernel_kwargs) -> dict[str, int]:
-    """Wraps both kernels with `kernel_kwargs` and counts their calls (traces), by name."""
+    """Wraps both kernels with `kernel_kwargs` and counts their calls (traces), by name, and the
+    forward kernel's calls that write gelu(h) alone under "hopper_dense_gelu(keep_h=False)"."""
     calls = {}
 
     def counted(name):
         kernel = getattr(dense_gelu, name)
 
         def call(*args, **kwargs):
-            calls[name] = calls.get(name, 0) + 1
+            key = name if kwargs.get("keep_h", True) else f"{name}(keep_h=False)"
+            calls[key] = calls.get(key, 0) + 1
             return kernel(*args, **kernel_kwargs, **kwargs)
 
         return call
@@ -171,8 +177,9 @@ def test_mlp_through_the_kernels_in_interpret_mode(monkeypatch):
     monkeypatch.setattr(dense_gelu, "kernel_applies", lambda *a, **k: True)
     calls = count_kernel_calls(monkeypatch, num_sms=2, interpret=True)
     check_mlp_gradients()
-    # The forward kernel in the value and in the gradient's forward pass; the backward in the latter.
-    assert calls == {"hopper_dense_gelu": 2, "hopper_gelu_grad": 1}
+    # The forward kernel for the value (without h) and in the gradient's forward pass; the backward
+    # kernel in the latter.
+    assert calls == {"hopper_dense_gelu(keep_h=False)": 1, "hopper_dense_gelu": 1, "hopper_gelu_grad": 1}
 
 
 def test_kernel_applies_only_on_one_hopper_gpu():
@@ -192,7 +199,7 @@ def test_kernels_match_float32_on_hopper(k, n):
     with pytest.MonkeyPatch.context() as patch:
         calls = count_kernel_calls(patch)
         check_mlp_gradients((3, 128, k), n)
-    assert calls == {"hopper_dense_gelu": 2, "hopper_gelu_grad": 1}
+    assert calls == {"hopper_dense_gelu(keep_h=False)": 1, "hopper_dense_gelu": 1, "hopper_gelu_grad": 1}
     x, kernel, bias = operands((3, 128, k), n, seed=k + n)
     x16 = x.astype(BF16)
     fused = loss(lambda *a: dense_gelu.dense_gelu(*a, BF16))(x16, kernel, bias)
