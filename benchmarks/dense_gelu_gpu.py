@@ -3,12 +3,12 @@
     python benchmarks/dense_gelu_gpu.py [--rows=50176] [--width=768] [--hidden=3072]
 
 Times (median of 5 x 20 calls), forward: XLA's matmul followed by its bias and GELU pass, XLA's
-matmul alone, and `hopper_dense_gelu` in three tilings, with the accurate tanh, and without h.
-Backward: the GELU's input gradient dh through the second Dense and the first bias's gradient, as XLA
-computes them (a matmul writes dy, one pass forms dh and sums it) and with `hopper_gelu_grad` (dh in
-the matmul's epilogue, XLA's sum), and the kernel alone with either tanh. Prints one JSON line per
-variant, with relative errors against a float32 reference. The defaults are B/16's channel MLP at
-batch 256 (196 tokens x 256 images).
+matmul alone, and `hopper_dense_gelu` in three tilings, in clusters, with the accurate tanh, and
+without h. Backward: the GELU's input gradient dh through the second Dense and the first bias's
+gradient, as XLA computes them (a matmul writes dy, one pass forms dh and sums it) and with
+`hopper_gelu_grad` (dh in the matmul's epilogue, XLA's sum), and the kernel alone with either tanh
+and in clusters. Prints one JSON line per variant, with relative errors against a float32
+reference. The defaults are B/16's channel MLP at batch 256 (196 tokens x 256 images).
 """
 
 import argparse
@@ -27,6 +27,8 @@ from mixer_jax import dense_gelu, gelu
 BF16 = jnp.bfloat16
 # The kernels with the math library's accurate tanh instead of the default tanh.approx.f32.
 EXACT_TANH = dataclasses.replace(dense_gelu.DEFAULT_TILES, approx_tanh=False)
+# Blocks in clusters of two along M that share each weight tile (TMA multicast).
+CLUSTERED = dataclasses.replace(dense_gelu.DEFAULT_TILES, cluster_m=True)
 
 
 def median_ms(f, *args, calls=20, rounds=5):
@@ -78,6 +80,7 @@ def main() -> None:
         ("snake4", dataclasses.replace(dense_gelu.DEFAULT_TILES, snake=4)),
         ("n64_stages4", dataclasses.replace(dense_gelu.DEFAULT_TILES, n=64, stages=4)),
         ("exact_tanh", EXACT_TANH),
+        ("cluster_m", CLUSTERED),
     ]:
         try:
             ms, (h, y) = median_ms(jax.jit(lambda x, w, b, t=t: dense_gelu.hopper_dense_gelu(x, w, b, t)), x, w, b)
@@ -114,7 +117,11 @@ def main() -> None:
             report(name, ms, err_dh=error(dh, dh_ref), err_db=error(db, db_ref))
         except Exception:
             print(json.dumps({"name": name, "error": traceback.format_exc()[-800:]}))
-    for name, t in (("fused_grad_alone", dense_gelu.DEFAULT_TILES), ("fused_grad_alone_exact_tanh", EXACT_TANH)):
+    for name, t in (
+        ("fused_grad_alone", dense_gelu.DEFAULT_TILES),
+        ("fused_grad_alone_exact_tanh", EXACT_TANH),
+        ("fused_grad_alone_cluster_m", CLUSTERED),
+    ):
         try:
             ms, dh = median_ms(jax.jit(lambda g, w, h, t=t: dense_gelu.hopper_gelu_grad(g, w, h, t)), g, w, h)
             report(name, ms, err_dh=error(dh, dh_ref))

@@ -52,6 +52,10 @@ class Tiles:
     warpgroup, over `stages` pipelined (m, k) and (k, 2n) operand tiles; the epilogue writes
     (epi_m, epi_n) pieces. `snake`: output tiles along N per band of the schedule (L2 reuse).
 
+    `cluster_m`: blocks run in clusters of two on adjacent row tiles, which share each (k, 2n)
+    tile of the weight: the two load half of it each and multicast it to both, so a block reads
+    a third less from L2 per step. Rows must then be a multiple of 2m.
+
     `approx_tanh`: the epilogue's tanh as one `tanh.approx.f32` instruction (relative error about
     2^-11) instead of the math library's exact instruction sequence. The outputs are rounded to
     bfloat16 (2^-9) either way: at B/16's shapes, a tanh off by 2^-11 in the worst direction moves the
@@ -65,6 +69,12 @@ class Tiles:
     epi_n: int = 64
     snake: int = 8
     approx_tanh: bool = True
+    cluster_m: bool = False
+
+    @property
+    def cluster(self) -> int:
+        """Blocks per cluster."""
+        return 2 if self.cluster_m else 1
 
 
 # Both kernels fit 227 KiB of shared memory: 3 x (128 x 64 + 64 x 256) bfloat16 operands (144 KiB),
@@ -83,8 +93,9 @@ def kernel_applies(
 ) -> bool:
     """Whether `dense_gelu` runs the Hopper kernel for x of `x_shape` and `activations` dtype: one
     Hopper GPU (compute capability 9.0; the kernel is not partitioned over a mesh), bfloat16
-    activations and matmul operands (`dtype`), rows (x's leading axes together) a multiple of `t.m`,
-    an output width a multiple of `2 * t.n` and an input width a multiple of `t.k`."""
+    activations and matmul operands (`dtype`), rows (x's leading axes together) a multiple of `t.m`
+    (`2 * t.m` in clusters), an output width a multiple of `2 * t.n` and an input width a multiple
+    of `t.k`."""
     if jax.default_backend() != "gpu" or jax.device_count() != 1:
         return False
     if jnp.dtype(dtype) != jnp.bfloat16 or jnp.dtype(activations) != jnp.bfloat16:
@@ -96,7 +107,7 @@ def kernel_applies(
 
 def _tiles_divide(m: int, k: int, n: int, t: Tiles) -> bool:
     """Whether the tiles divide x (m, k) @ kernel (k, n)."""
-    return m % t.m == 0 and k % t.k == 0 and n % (2 * t.n) == 0
+    return m % (t.cluster * t.m) == 0 and k % t.k == 0 and n % (2 * t.n) == 0
 
 
 def _swizzled(dtype: Dtype, minor: int) -> tuple[Any, ...]:
@@ -132,7 +143,9 @@ def _persistent_matmul(x_gmem, w_gmem, *, t: Tiles, scratch: dict[str, Any], pre
     m, k = x_gmem.shape
     n = w_gmem.shape[1]
     block_n = 2 * t.n
-    m_iters, n_iters, k_iters = m // t.m, n // block_n, k // t.k
+    m_iters, n_iters, k_iters = m // (t.cluster * t.m), n // block_n, k // t.k  # Tiles of a cluster.
+    # In clusters along M, each weight tile is multicast to both blocks.
+    shared = ("cluster",) if t.cluster_m else ()
 
     def pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -144,7 +157,11 @@ def _persistent_matmul(x_gmem, w_gmem, *, t: Tiles, scratch: dict[str, Any], pre
                     (t.m, t.k), lambda i: (0, i), transforms=_swizzled(x_gmem.dtype, t.k), memory_space=plgpu.SMEM
                 ),
                 plgpu.BlockSpec(
-                    (t.k, block_n), lambda i: (i, 0), transforms=_swizzled(w_gmem.dtype, t.k), memory_space=plgpu.SMEM
+                    (t.k, block_n),
+                    lambda i: (i, 0),
+                    transforms=_swizzled(w_gmem.dtype, t.k),
+                    memory_space=plgpu.SMEM,
+                    collective_axes=shared,
                 ),
             ],
             wg_axis="wg",
@@ -169,6 +186,8 @@ def _persistent_matmul(x_gmem, w_gmem, *, t: Tiles, scratch: dict[str, Any], pre
         def _tile(info):
             (index,) = info.index
             mi, ni = plgpu.planar_snake(index, (m_iters, n_iters), 1, t.snake)
+            if t.cluster_m:  # This block's row tile of the cluster's two.
+                mi = mi * t.cluster + lax.axis_index("cluster")
             columns = ni * block_n + wg * t.n  # This warpgroup's half of the block's tile.
 
             def compute_context(run_pipeline):
@@ -290,7 +309,8 @@ def _check_tiles(name: str, m: int, k: int, n: int, t: Tiles) -> None:
             "in rows of a multiple of 8"
         )
     if not _tiles_divide(m, k, n, t):
-        raise ValueError(f"{name} kernel: (M, K, N) = {(m, k, n)} is not a multiple of {(t.m, t.k, 2 * t.n)}")
+        multiple = (t.cluster * t.m, t.k, 2 * t.n)
+        raise ValueError(f"{name} kernel: (M, K, N) = {(m, k, n)} is not a multiple of {multiple}")
 
 
 def _call(body, out_type, t: Tiles, num_sms: int | None, interpret: bool, *operands: jax.Array):
@@ -303,12 +323,16 @@ def _call(body, out_type, t: Tiles, num_sms: int | None, interpret: bool, *opera
     if interpret:  # Not yet exported by jax.experimental.pallas.mosaic_gpu (nor below).
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
+        if t.cluster_m:
+            raise NotImplementedError("Mosaic GPU's interpret mode has no cluster barriers: run cluster_m on a GPU")
         params = InterpretGPUParams(detect_races=True)
+    cluster = dict(cluster=(t.cluster,), cluster_names=("cluster",)) if t.cluster_m else {}
     call = plgpu.kernel(
         functools.partial(body, interpret=interpret),
         out_type=out_type,
-        grid=(num_sms or jax.devices()[0].core_count,),
+        grid=((num_sms or jax.devices()[0].core_count) // t.cluster,),
         grid_names=("cluster_grid",),
+        **cluster,
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(

@@ -15,6 +15,7 @@ from mixer_jax import config as config_lib
 from mixer_jax import dense_gelu, gelu, matmul, models
 
 F32, BF16 = jnp.float32, jnp.bfloat16
+CLUSTERED = dataclasses.replace(dense_gelu.DEFAULT_TILES, cluster_m=True)
 
 
 def operands(shape=(6, 4, 40), n=56, seed=0):
@@ -104,27 +105,29 @@ def test_mlp_equals_the_unfused_layers(activations):
     assert_same_value_and_gradients(mlp_loss(lambda *a: dense_gelu.mlp(*a, BF16))(*args), mlp_loss(unfused_mlp)(*args))
 
 
-def check_kernels(k: int, n: int, interpret: bool = False) -> None:
-    """Both kernels on x (384, k) @ kernel (k, n) (2 blocks; `interpret`: in interpret mode, with no
-    race found) against float32: each result within bfloat16's rounding. Each block loops over many
-    tiles (reusing its epilogue buffers and barriers); small k has fewer k-steps than pipeline
-    stages, and n / 256 column tiles that the schedule's bands of 8 need not divide; the bias is
-    large. Without h, the forward kernel writes the same gelu(h)."""
-    x, kernel, bias = operands((3, 128, k), n, seed=k + n)
+def check_kernels(k: int, n: int, interpret: bool = False, t=dense_gelu.DEFAULT_TILES, rows: int = 384) -> None:
+    """Both kernels with tiles `t` on x (rows, k) @ kernel (k, n) (2 blocks, or 2 clusters of 2;
+    `interpret`: in interpret mode, with no race found) against float32: each result within
+    bfloat16's rounding. Each block loops over many tiles (reusing its epilogue buffers and
+    barriers); small k has fewer k-steps than pipeline stages, and n / 256 column tiles that the
+    schedule's bands of 8 need not divide; the bias is large. Without h, the forward kernel writes
+    the same gelu(h)."""
+    x, kernel, bias = operands((rows // 128, 128, k), n, seed=k + n)
     x16, k16, bias = x.reshape(-1, k).astype(BF16), kernel.astype(BF16), 3 * bias
     product = jnp.dot(x16.astype(F32), k16.astype(F32), precision="highest")
     h_ref = product + bias
-    h, y = dense_gelu.hopper_dense_gelu(x16, k16, bias, num_sms=2, interpret=interpret)
+    run = dict(t=t, num_sms=2 * t.cluster, interpret=interpret)
+    h, y = dense_gelu.hopper_dense_gelu(x16, k16, bias, **run)
     assert not (interpret and dense_gelu.interpret_races_found())
     assert relative_error(h, h_ref) < 4e-3 and relative_error(y, jax.nn.gelu(h_ref, approximate=True)) < 4e-3
-    no_h, y_alone = dense_gelu.hopper_dense_gelu(x16, k16, bias, num_sms=2, interpret=interpret, keep_h=False)
+    no_h, y_alone = dense_gelu.hopper_dense_gelu(x16, k16, bias, keep_h=False, **run)
     assert not (interpret and dense_gelu.interpret_races_found())
     assert no_h is None
     np.testing.assert_array_equal(y_alone, y)
 
     h16 = h_ref.astype(BF16)  # The GELU's input, as the forward pass stored it.
     dh_ref = product * gelu.derivative(h16, True)
-    dh = dense_gelu.hopper_gelu_grad(x16, k16, h16, num_sms=2, interpret=interpret)
+    dh = dense_gelu.hopper_gelu_grad(x16, k16, h16, **run)
     assert not (interpret and dense_gelu.interpret_races_found())
     assert dh.dtype == BF16 and relative_error(dh, dh_ref) < 4e-3
 
@@ -210,6 +213,14 @@ def test_kernels_match_float32_on_hopper(k, n):
         assert error < 3e-2 and error <= 1.1 * xla_error, (error, xla_error)
 
 
+def test_clustered_kernels_match_float32_on_hopper():
+    """`Tiles.cluster_m`: blocks in clusters of two that share the weight's tiles (TMA multicast),
+    which interpret mode cannot run."""
+    if not dense_gelu.kernel_applies((512, 768), (768, 1280), BF16, t=CLUSTERED):
+        pytest.skip("needs one H100/H200")
+    check_kernels(768, 1280, t=CLUSTERED, rows=512)
+
+
 def test_kernels_lower_for_hopper_and_refuse_untiled_shapes():
     """Both kernels' Mosaic GPU lowering (layouts, shared memory within 227 KiB) runs without a GPU,
     at B/16's channel MLP at batch 256, with the tanh instruction by default and the accurate tanh
@@ -225,6 +236,7 @@ def test_kernels_lower_for_hopper_and_refuse_untiled_shapes():
         for t, approx in (
             (dense_gelu.DEFAULT_TILES, True),
             (dataclasses.replace(dense_gelu.DEFAULT_TILES, approx_tanh=False), False),
+            (CLUSTERED, True),
         ):
             fn = jax.jit(functools.partial(kernel, t=t, num_sms=132))
             exported = jax.export.export(fn, platforms=["cuda"])(x, k, operand)
@@ -238,6 +250,14 @@ def test_kernels_lower_for_hopper_and_refuse_untiled_shapes():
         dense_gelu.hopper_gelu_grad(x100, k100, jnp.zeros((100, 3072), BF16))
     with pytest.raises(ValueError, match=r"h has shape \(128, 768\), not g @ kernel_t's \(128, 3072\)"):
         dense_gelu.hopper_gelu_grad(jnp.zeros((128, 768), BF16), k100, jnp.zeros((128, 768), BF16))
+    x384 = jnp.zeros((384, 768), BF16)
+    with pytest.raises(ValueError, match=r"\(M, K, N\) = \(384, 768, 3072\) is not a multiple of \(256, 64, 256\)"):
+        dense_gelu.hopper_dense_gelu(x384, k100, jnp.zeros(3072), CLUSTERED)
+    assert not dense_gelu._tiles_divide(384, 768, 3072, CLUSTERED) and dense_gelu._tiles_divide(
+        512, 768, 3072, CLUSTERED
+    )
+    with pytest.raises(NotImplementedError, match="interpret mode has no cluster barriers"):
+        dense_gelu.hopper_dense_gelu(jnp.zeros((512, 768), BF16), k100, jnp.zeros(3072), CLUSTERED, interpret=True)
 
 
 @pytest.mark.parametrize("dropout_rate", [0.0, 0.2])
