@@ -3,16 +3,18 @@
     python benchmarks/dense_gelu_gpu.py [--rows=50176] [--width=768] [--hidden=3072]
 
 Times (median of 5 x 20 calls), forward: XLA's matmul followed by its bias and GELU pass, XLA's
-matmul alone, and `hopper_dense_gelu` in three tilings, in clusters, with the accurate tanh, and
-without h. Backward: the GELU's input gradient dh through the second Dense and the first bias's
-gradient, as XLA computes them (a matmul writes dy, one pass forms dh and sums it) and with
-`hopper_gelu_grad` (dh in the matmul's epilogue, XLA's sum), and the kernel alone with either tanh
-and in clusters. Prints one JSON line per variant, with relative errors against a float32
-reference. The defaults are B/16's channel MLP at batch 256 (196 tokens x 256 images).
+matmul alone, and `hopper_dense_gelu` in three tilings, in clusters, with the math library's
+functions, without h, and without Pallas's automatic barriers. Backward: the GELU's input gradient
+dh through the second Dense and the first bias's gradient, as XLA computes them (a matmul writes dy,
+one pass forms dh and sums it) and with `hopper_gelu_grad` (dh in the matmul's epilogue, XLA's sum),
+and the kernel alone, with the library's functions and in clusters. Prints one JSON line per
+variant, with relative errors against a float32 reference. The defaults are B/16's channel MLP at
+batch 256 (196 tokens x 256 images).
 """
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import time
@@ -25,8 +27,9 @@ import numpy as np
 from mixer_jax import dense_gelu, gelu
 
 BF16 = jnp.bfloat16
-# The kernels with the math library's accurate tanh instead of the default tanh.approx.f32.
-EXACT_TANH = dataclasses.replace(dense_gelu.DEFAULT_TILES, approx_tanh=False)
+# The kernels with the math library's exponential and reciprocal square root instead of the default
+# single instructions (ex2.approx, rsqrt.approx).
+LIBRARY_MATH = dataclasses.replace(dense_gelu.DEFAULT_TILES, approx_math=False)
 # Blocks in clusters of two along M that share each weight tile (TMA multicast).
 CLUSTERED = dataclasses.replace(dense_gelu.DEFAULT_TILES, cluster_m=True)
 
@@ -61,37 +64,40 @@ def main() -> None:
     def error(got, want):
         return float(np.linalg.norm(np.asarray(got, np.float32) - want) / np.linalg.norm(want))
 
-    def report(name, ms, **errors):
-        print(json.dumps({"name": name, "ms": round(ms, 4), "tflops": round(2 * m * k * n / ms / 1e9, 1), **errors}))
+    def variant(name, fn, *args, errors=lambda out: {}):
+        """Times jit(fn)(*args) and prints it with `errors(out)`; a failure (say a tiling that does
+        not fit this card's shared memory) prints its traceback's end instead."""
+        try:
+            ms, out = median_ms(jax.jit(fn), *args)
+            tflops = round(2 * m * k * n / ms / 1e9, 1)
+            print(json.dumps({"name": name, "ms": round(ms, 4), "tflops": tflops, **errors(out)}))
+        except Exception:
+            print(json.dumps({"name": name, "error": traceback.format_exc()[-800:]}))
 
     print(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "shape": [m, k, n]}))
 
-    @jax.jit
     def xla(x, w, b):  # The model's XLA path: a bfloat16 product, the bias in float32, GELU.
         h = (jnp.dot(x, w, preferred_element_type=BF16) + b).astype(BF16)
         return h, jax.nn.gelu(h, approximate=True)
 
-    ms, (h, y) = median_ms(xla, x, w, b)
-    report("xla_matmul_bias_gelu", ms, err_h=error(h, h_ref), err_y=error(y, y_ref))
-    ms, _ = median_ms(jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=BF16)), x, w)
-    report("xla_matmul", ms)
-    for name, t in [
-        ("default", dense_gelu.DEFAULT_TILES),
-        ("snake4", dataclasses.replace(dense_gelu.DEFAULT_TILES, snake=4)),
-        ("n64_stages4", dataclasses.replace(dense_gelu.DEFAULT_TILES, n=64, stages=4)),
-        ("exact_tanh", EXACT_TANH),
-        ("cluster_m", CLUSTERED),
-    ]:
-        try:
-            ms, (h, y) = median_ms(jax.jit(lambda x, w, b, t=t: dense_gelu.hopper_dense_gelu(x, w, b, t)), x, w, b)
-            report(f"fused_{name}", ms, err_h=error(h, h_ref), err_y=error(y, y_ref))
-        except Exception:  # A tiling that does not fit this card's shared memory, say.
-            print(json.dumps({"name": f"fused_{name}", "error": traceback.format_exc()[-800:]}))
-    try:  # Evaluation's and inference's forward pass, which needs no h.
-        ms, (_, y) = median_ms(jax.jit(lambda x, w, b: dense_gelu.hopper_dense_gelu(x, w, b, keep_h=False)), x, w, b)
-        report("fused_without_h", ms, err_y=error(y, y_ref))
-    except Exception:
-        print(json.dumps({"name": "fused_without_h", "error": traceback.format_exc()[-800:]}))
+    def forward_errors(out):
+        h, y = out
+        return {"err_y": error(y, y_ref), **({} if h is None else {"err_h": error(h, h_ref)})}
+
+    variant("xla_matmul_bias_gelu", xla, x, w, b, errors=forward_errors)
+    variant("xla_matmul", lambda x, w: jnp.dot(x, w, preferred_element_type=BF16), x, w)
+    for name, options in (
+        ("default", {}),
+        ("snake4", dict(t=dataclasses.replace(dense_gelu.DEFAULT_TILES, snake=4))),
+        ("n64_stages4", dict(t=dataclasses.replace(dense_gelu.DEFAULT_TILES, n=64, stages=4))),
+        ("library_math", dict(t=LIBRARY_MATH)),
+        ("cluster_m", dict(t=CLUSTERED)),
+        ("without_h", dict(keep_h=False)),  # Evaluation's and inference's forward pass.
+        ("no_auto_barriers", dict(auto_barriers=False)),
+    ):
+        variant(
+            f"fused_{name}", functools.partial(dense_gelu.hopper_dense_gelu, **options), x, w, b, errors=forward_errors
+        )
 
     # Backward: g, the cotangent of the second Dense's output (rows, width), through its kernel
     # transposed, (width, hidden): w's shape again.
@@ -101,32 +107,21 @@ def main() -> None:
     dh_ref = dy_ref * np.asarray(gelu.derivative(h, True))
     db_ref = dh_ref.sum(0)
 
-    @jax.jit
     def xla_grad(g, w, h):  # The model's XLA path: dy in bfloat16, then one pass for dh and its sum.
         dh = gelu.input_gradient(h, jnp.dot(g, w, preferred_element_type=BF16), True)
         return dh, jnp.sum(dh, 0, dtype=jnp.float32)
 
-    @jax.jit
     def fused_grad(g, w, h):
         dh = dense_gelu.hopper_gelu_grad(g, w, h)
         return dh, jnp.sum(dh, 0, dtype=jnp.float32)
 
     for name, fn in (("xla_grad_and_bias_grad", xla_grad), ("fused_grad_and_bias_grad", fused_grad)):
-        try:
-            ms, (dh, db) = median_ms(fn, g, w, h)
-            report(name, ms, err_dh=error(dh, dh_ref), err_db=error(db, db_ref))
-        except Exception:
-            print(json.dumps({"name": name, "error": traceback.format_exc()[-800:]}))
-    for name, t in (
-        ("fused_grad_alone", dense_gelu.DEFAULT_TILES),
-        ("fused_grad_alone_exact_tanh", EXACT_TANH),
-        ("fused_grad_alone_cluster_m", CLUSTERED),
-    ):
-        try:
-            ms, dh = median_ms(jax.jit(lambda g, w, h, t=t: dense_gelu.hopper_gelu_grad(g, w, h, t)), g, w, h)
-            report(name, ms, err_dh=error(dh, dh_ref))
-        except Exception:
-            print(json.dumps({"name": name, "error": traceback.format_exc()[-800:]}))
+        variant(
+            name, fn, g, w, h, errors=lambda out: {"err_dh": error(out[0], dh_ref), "err_db": error(out[1], db_ref)}
+        )
+    for name, t in (("", dense_gelu.DEFAULT_TILES), ("_library_math", LIBRARY_MATH), ("_cluster_m", CLUSTERED)):
+        fn = functools.partial(dense_gelu.hopper_gelu_grad, t=t)
+        variant(f"fused_grad_alone{name}", fn, g, w, h, errors=lambda dh: {"err_dh": error(dh, dh_ref)})
 
 
 if __name__ == "__main__":

@@ -124,6 +124,10 @@ def check_kernels(k: int, n: int, interpret: bool = False, t=dense_gelu.DEFAULT_
     assert not (interpret and dense_gelu.interpret_races_found())
     assert no_h is None
     np.testing.assert_array_equal(y_alone, y)
+    if not interpret:  # Without Pallas's automatic barriers (interpret mode has no barriers to drop).
+        unguarded = dense_gelu.hopper_dense_gelu(x16, k16, bias, auto_barriers=False, **run)
+        for got, want in zip(unguarded, (h, y), strict=True):
+            np.testing.assert_array_equal(got, want)
 
     h16 = h_ref.astype(BF16)  # The GELU's input, as the forward pass stored it.
     dh_ref = product * gelu.derivative(h16, True)
@@ -223,8 +227,8 @@ def test_clustered_kernels_match_float32_on_hopper():
 
 def test_kernels_lower_for_hopper_and_refuse_untiled_shapes():
     """Both kernels' Mosaic GPU lowering (layouts, shared memory within 227 KiB) runs without a GPU,
-    at B/16's channel MLP at batch 256, with the tanh instruction by default and the accurate tanh
-    on request."""
+    at B/16's channel MLP at batch 256, with the exponential and reciprocal square root as single
+    instructions by default and as the math library's on request."""
     x = jax.ShapeDtypeStruct((50176, 768), BF16)
     k = jax.ShapeDtypeStruct((768, 3072), BF16)
     b = jax.ShapeDtypeStruct((3072,), F32)
@@ -235,13 +239,15 @@ def test_kernels_lower_for_hopper_and_refuse_untiled_shapes():
     ):
         for t, approx in (
             (dense_gelu.DEFAULT_TILES, True),
-            (dataclasses.replace(dense_gelu.DEFAULT_TILES, approx_tanh=False), False),
+            (dataclasses.replace(dense_gelu.DEFAULT_TILES, approx_math=False), False),
             (CLUSTERED, True),
         ):
             fn = jax.jit(functools.partial(kernel, t=t, num_sms=132))
             exported = jax.export.export(fn, platforms=["cuda"])(x, k, operand)
             assert "mosaic_gpu" in exported.mlir_module()
-            assert ("tanh.approx.f32" in exported.mlir_module()) == approx
+            module = exported.mlir_module()
+            assert ("ex2.approx" in module) == ("rsqrt.approx" in module) == approx
+            assert "tanh" not in module
             assert [o.shape for o in exported.out_avals] == out_shapes
     x100, k100 = jnp.zeros((100, 768), BF16), jnp.zeros((768, 3072), BF16)
     with pytest.raises(ValueError, match=r"\(M, K, N\) = \(100, 768, 3072\) is not a multiple of \(128, 64, 256\)"):
