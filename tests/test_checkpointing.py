@@ -203,13 +203,21 @@ def good_workdir(data_dir, tmp_path_factory):
 
 
 def _truncate(workdir):
-    # The largest of the array-data files (in an OCDBT `d/` directory): how many there are, and so
-    # whether the largest file of all is one, depends on the writer's timing.
+    # Every array-data file the process wrote (`ocdbt.process_0/d/`), cut in half. Which of them the
+    # restore reads depends on the writer's timing: once the save merges the process's B-tree into
+    # the checkpoint's own (`d/`), the files that held only the process's tree nodes are no longer
+    # read, and one of those can be the largest.
     state = os.path.join(workdir, "checkpoints", "8", "state")
-    data = [os.path.join(r, f) for r, _, fs in os.walk(state) if os.path.basename(r) == "d" for f in fs]
-    victim = max(data, key=os.path.getsize)
-    with open(victim, "r+b") as f:
-        f.truncate(os.path.getsize(victim) // 2)
+    data = [
+        os.path.join(r, f)
+        for r, _, fs in os.walk(state)
+        if r.endswith(os.path.join("ocdbt.process_0", "d"))
+        for f in fs
+    ]
+    assert data
+    for victim in data:
+        with open(victim, "r+b") as f:
+            f.truncate(os.path.getsize(victim) // 2)
 
 
 def _garbage_metadata(workdir):
