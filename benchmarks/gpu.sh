@@ -7,9 +7,9 @@
 #   benchmarks/gpu.sh [OUTDIR=runs/gpu]
 #
 # VARIANT (B/16), BIG (H/14, compile time only) and BATCH (256, then doubled) change the models.
-# Writes OUTDIR/NAME.json (one `bench` result each), OUTDIR/profile/ and OUTDIR/profile_fused/ (trace,
-# ops.tsv, step.hlo.txt) and prints a table last. XLA may take 95% of the card
-# (XLA_PYTHON_CLIENT_MEM_FRACTION).
+# Writes OUTDIR/NAME.json (one `bench` result each), OUTDIR/dense_gelu.jsonl (the kernels alone),
+# OUTDIR/profile/ and OUTDIR/profile_fused/ (trace, ops.tsv, step.hlo.txt) and prints a table last.
+# XLA may take 95% of the card (XLA_PYTHON_CLIENT_MEM_FRACTION).
 #
 # Measured on H100 80GB HBM3 cards (jax 0.11.2), B/16 bf16, batch 256: 4540-4690 images/s, 343-354
 # TFLOP/s, 0.35-0.36 of the dense bf16 spec (989 TFLOP/s), 0.51-0.56 of the same card's 8192^3
@@ -39,6 +39,10 @@ bench() {  # NAME [bench train flags...]: one run, its JSON kept in OUTDIR/NAME.
   return 1
 }
 
+# dense_gelu's kernels alone, every variant beside XLA, each with its error against float32 (B/16's
+# channel MLP at batch 256; on H100/H200 only).
+timeout 300 "$py" benchmarks/dense_gelu_gpu.py >"$out/dense_gelu.jsonl" 2>"$out/dense_gelu.log" ||
+  { echo "dense_gelu_gpu.py failed:" >&2; tail -3 "$out/dense_gelu.log" >&2; }
 bf16=(--variant="$variant" --dtype=bfloat16 --steps=10)
 bench "bs$batch" "${bf16[@]}" --batch="$batch" --profile_dir="$out/profile"
 # The channel MLPs on dense_gelu's Hopper kernels (forward and the GELU's input gradient), profiled
