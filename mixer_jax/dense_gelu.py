@@ -134,9 +134,10 @@ def _persistent_matmul(x_gmem, w_gmem, *, t: Tiles, scratch: dict[str, Any], pre
     float32 over pipelined (t.m, t.k) and (t.k, 2 t.n) operand tiles that a third warpgroup loads.
 
     `scratch`: the epilogue's shared memory (`pl.run_scoped` allocations, one set for both compute
-    warpgroups). Per tile, `prefetch(refs, mi, columns, wg)` starts the epilogue's loads before the
-    matmul, and `epilogue(refs, acc, mi, columns, wg)` consumes the accumulator: `mi` is the tile's
-    row block, `columns` the first column of warpgroup `wg`'s half."""
+    warpgroups). Per tile, `prefetch(refs, mi, columns, wg)` starts the epilogue's loads during the
+    matmul's second step (its first, if it has one), and `epilogue(refs, acc, mi, columns, wg)`
+    consumes the accumulator: `mi` is the tile's row block, `columns` the first column of warpgroup
+    `wg`'s half."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -191,15 +192,20 @@ def _persistent_matmul(x_gmem, w_gmem, *, t: Tiles, scratch: dict[str, Any], pre
             columns = ni * block_n + wg * t.n  # This warpgroup's half of the block's tile.
 
             def compute_context(run_pipeline):
-                prefetch(refs, mi, columns, wg)
-
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((t.m, t.n), jnp.float32))
                 def _epilogue(acc_ref):
                     run_pipeline(acc_ref)
                     epilogue(refs, acc_ref[...], mi, columns, wg)
 
-            def mma(_, x_smem, w_smem, acc_ref):
+            def mma(indices, x_smem, w_smem, acc_ref):
                 plgpu.wgmma(acc_ref, x_smem, w_smem.at[:, pl.ds(wg * t.n, t.n)])
+
+                # The epilogue's loads start while the tile's second step multiplies: by then the last
+                # tile's stores, which may read the buffers they load into, have had a step to drain.
+                @pl.when(indices[0] == min(1, k_iters - 1))
+                def _():
+                    prefetch(refs, mi, columns, wg)
+
                 plgpu.wgmma_wait(0)
                 return acc_ref
 
