@@ -1,6 +1,6 @@
 """`dense_gelu`'s Hopper kernels against XLA on one channel MLP, on an H100 or H200.
 
-    python benchmarks/dense_gelu_gpu.py [--rows=50176] [--width=768] [--hidden=3072]
+    PYTHONPATH=. python benchmarks/dense_gelu_gpu.py [--rows=50176] [--width=768] [--hidden=3072]
 
 Times (median of 5 x 20 calls), forward: XLA's matmul followed by its bias and GELU pass, XLA's
 matmul alone, and `hopper_dense_gelu` in three tilings, in clusters, with the math library's

@@ -41,7 +41,8 @@ bench() {  # NAME [bench train flags...]: one run, its JSON kept in OUTDIR/NAME.
 
 # dense_gelu's kernels alone, every variant beside XLA, each with its error against float32 (B/16's
 # channel MLP at batch 256; on H100/H200 only).
-timeout 300 "$py" benchmarks/dense_gelu_gpu.py >"$out/dense_gelu.jsonl" 2>"$out/dense_gelu.log" ||
+PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout 300 "$py" benchmarks/dense_gelu_gpu.py \
+  >"$out/dense_gelu.jsonl" 2>"$out/dense_gelu.log" ||
   { echo "dense_gelu_gpu.py failed:" >&2; tail -3 "$out/dense_gelu.log" >&2; }
 bf16=(--variant="$variant" --dtype=bfloat16 --steps=10)
 bench "bs$batch" "${bf16[@]}" --batch="$batch" --profile_dir="$out/profile"

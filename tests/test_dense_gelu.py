@@ -176,8 +176,10 @@ def count_kernel_calls(monkeypatch, **kernel_kwargs) -> dict[str, int]:
 def test_kernels_in_interpret_mode():
     """Both kernels' arithmetic and tiling, run on the CPU in Mosaic GPU's interpret mode, whose race
     detector finds no two warpgroups or copies touching the same shared memory unordered. (Its
-    copies to global memory complete at once, so it cannot see a missing wait for one.)"""
+    copies to global memory complete at once, so it cannot see a missing wait for one.) With k 64,
+    each tile is one pipeline step, and the epilogue's loads start in that step."""
     check_kernels(128, 768, interpret=True)
+    check_kernels(64, 768, interpret=True)
 
 
 def test_mlp_through_the_kernels_in_interpret_mode(monkeypatch):
@@ -187,6 +189,13 @@ def test_mlp_through_the_kernels_in_interpret_mode(monkeypatch):
     # The forward kernel for the value (without h) and in the gradient's forward pass; the backward
     # kernel in the latter.
     assert calls == {"hopper_dense_gelu(keep_h=False)": 1, "hopper_dense_gelu": 1, "hopper_gelu_grad": 1}
+    # `dense_gelu` alone, outside a gradient: the kernel without h.
+    calls.clear()
+    x, kernel, bias = operands((2, 128, 64), 256)
+    x16 = x.astype(BF16)
+    got = jax.jit(lambda *a: dense_gelu.dense_gelu(*a, BF16))(x16, kernel, bias)
+    assert calls == {"hopper_dense_gelu(keep_h=False)": 1}
+    assert got.dtype == BF16 and relative_error(got, reference(x16, kernel, bias)) < 4e-3
 
 
 def test_kernel_applies_only_on_one_hopper_gpu():
@@ -249,6 +258,11 @@ def test_kernels_lower_for_hopper_and_refuse_untiled_shapes():
             assert ("ex2.approx" in module) == ("rsqrt.approx" in module) == approx
             assert "tanh" not in module
             assert [o.shape for o in exported.out_avals] == out_shapes
+    for options, outputs in ((dict(keep_h=False), 1), (dict(auto_barriers=False), 2)):
+        fn = jax.jit(functools.partial(dense_gelu.hopper_dense_gelu, num_sms=132, **options))
+        assert [o.shape for o in jax.export.export(fn, platforms=["cuda"])(x, k, b).out_avals] == [
+            (50176, 3072)
+        ] * outputs
     x100, k100 = jnp.zeros((100, 768), BF16), jnp.zeros((768, 3072), BF16)
     with pytest.raises(ValueError, match=r"\(M, K, N\) = \(100, 768, 3072\) is not a multiple of \(128, 64, 256\)"):
         dense_gelu.hopper_dense_gelu(x100, k100, jnp.zeros(3072))
@@ -262,6 +276,8 @@ def test_kernels_lower_for_hopper_and_refuse_untiled_shapes():
     assert not dense_gelu._tiles_divide(384, 768, 3072, CLUSTERED) and dense_gelu._tiles_divide(
         512, 768, 3072, CLUSTERED
     )
+    with pytest.raises(ValueError, match="num_sms=1 makes no cluster of 2 blocks"):
+        dense_gelu.hopper_dense_gelu(jnp.zeros((512, 768), BF16), k100, jnp.zeros(3072), CLUSTERED, num_sms=1)
     with pytest.raises(NotImplementedError, match="interpret mode has no cluster barriers"):
         dense_gelu.hopper_dense_gelu(jnp.zeros((512, 768), BF16), k100, jnp.zeros(3072), CLUSTERED, interpret=True)
 

@@ -48,8 +48,9 @@ def test_derivative_against_finite_differences(approximate):
 
 def test_sigmoid_form_is_the_tanh_form():
     """`sigmoid_form` (the Hopper kernels' GELU) and its derivative against the tanh form's closed
-    forms in float64: within float32's rounding, where 0.5 x (1 + tanh u) in float32 loses up to 3e-4
-    of small values to cancellation; no overflow at the extremes."""
+    forms in float64: within float32's rounding (0.5 x (1 + tanh u) in float32 loses up to 3e-4 of
+    small values to cancellation), and finite up to |x| = 1e4 (beyond about 1e19, x * x overflows,
+    as in `derivative`)."""
     x = np.concatenate([np.linspace(-12, 12, 4801), [-1e4, -100.0, -30.0, 0.0, 30.0, 100.0, 1e4]])
     u = np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)
     want = 0.5 * x * (1 + np.tanh(u))
@@ -59,9 +60,6 @@ def test_sigmoid_form_is_the_tanh_form():
     xf = jnp.asarray(x, F32)
     np.testing.assert_allclose(gelu.sigmoid_form(xf), want, rtol=3e-6, atol=1e-6)
     np.testing.assert_allclose(gelu.sigmoid_form_derivative(xf), want_derivative, rtol=1e-4, atol=3e-6)
-    small = np.abs(want) > 1e-3
-    tanh_form_error = np.max(np.abs(np.asarray(jax.nn.gelu(xf, approximate=True)) - want)[small] / np.abs(want[small]))
-    assert tanh_form_error > 1e-4  # What the sigmoid form avoids.
 
 
 def test_bfloat16_gradient_dtype():
