@@ -253,8 +253,8 @@ def test_kernels_lower_for_hopper_and_refuse_untiled_shapes():
         ):
             fn = jax.jit(functools.partial(kernel, t=t, num_sms=132))
             exported = jax.export.export(fn, platforms=["cuda"])(x, k, operand)
-            assert "mosaic_gpu" in exported.mlir_module()
-            module = exported.mlir_module()
+            module = exported.mlir_module()  # Rendered once: the kernel's module is large.
+            assert "mosaic_gpu" in module
             assert ("ex2.approx" in module) == ("rsqrt.approx" in module) == approx
             assert "tanh" not in module
             assert [o.shape for o in exported.out_avals] == out_shapes
