@@ -242,27 +242,26 @@ def test_kernels_lower_for_hopper_and_refuse_untiled_shapes():
     k = jax.ShapeDtypeStruct((768, 3072), BF16)
     b = jax.ShapeDtypeStruct((3072,), F32)
     h = jax.ShapeDtypeStruct((50176, 3072), BF16)
-    for kernel, operand, out_shapes in (
-        (dense_gelu.hopper_dense_gelu, b, [(50176, 3072)] * 2),
-        (dense_gelu.hopper_gelu_grad, h, [(50176, 3072)]),
+    forward, backward = (dense_gelu.hopper_dense_gelu, b), (dense_gelu.hopper_gelu_grad, h)
+    library = dataclasses.replace(dense_gelu.DEFAULT_TILES, approx_math=False)
+    for (kernel, operand), options, outputs in (
+        (forward, {}, 2),
+        (forward, dict(t=library), 2),
+        (forward, dict(t=CLUSTERED), 2),
+        (forward, dict(keep_h=False), 1),
+        (forward, dict(auto_barriers=False), 2),
+        (backward, {}, 1),
+        (backward, dict(t=library), 1),
+        (backward, dict(t=CLUSTERED), 1),
     ):
-        for t, approx in (
-            (dense_gelu.DEFAULT_TILES, True),
-            (dataclasses.replace(dense_gelu.DEFAULT_TILES, approx_math=False), False),
-            (CLUSTERED, True),
-        ):
-            fn = jax.jit(functools.partial(kernel, t=t, num_sms=132))
-            exported = jax.export.export(fn, platforms=["cuda"])(x, k, operand)
-            module = exported.mlir_module()  # Rendered once: the kernel's module is large.
-            assert "mosaic_gpu" in module
-            assert ("ex2.approx" in module) == ("rsqrt.approx" in module) == approx
-            assert "tanh" not in module
-            assert [o.shape for o in exported.out_avals] == out_shapes
-    for options, outputs in ((dict(keep_h=False), 1), (dict(auto_barriers=False), 2)):
-        fn = jax.jit(functools.partial(dense_gelu.hopper_dense_gelu, num_sms=132, **options))
-        assert [o.shape for o in jax.export.export(fn, platforms=["cuda"])(x, k, b).out_avals] == [
-            (50176, 3072)
-        ] * outputs
+        fn = jax.jit(functools.partial(kernel, num_sms=132, **options))
+        exported = jax.export.export(fn, platforms=["cuda"])(x, k, operand)
+        module = exported.mlir_module()  # Rendered once: the kernel's module is large.
+        assert "mosaic_gpu" in module
+        approx = options.get("t", dense_gelu.DEFAULT_TILES).approx_math
+        assert ("ex2.approx" in module) == ("rsqrt.approx" in module) == approx
+        assert "tanh" not in module
+        assert [o.shape for o in exported.out_avals] == [(50176, 3072)] * outputs
     x100, k100 = jnp.zeros((100, 768), BF16), jnp.zeros((768, 3072), BF16)
     with pytest.raises(ValueError, match=r"\(M, K, N\) = \(100, 768, 3072\) is not a multiple of \(128, 64, 256\)"):
         dense_gelu.hopper_dense_gelu(x100, k100, jnp.zeros(3072))

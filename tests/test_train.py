@@ -7,7 +7,7 @@ import shutil
 
 import jax
 import pytest
-from conftest import final_accuracy
+from conftest import final_accuracy, load_config
 from test_config import run_main
 
 from mixer_jax import train
@@ -27,21 +27,26 @@ def event_tags(workdir):
 def test_cli_log_summaries_checkpoints_and_resume(digits_run, data_dir, tmp_path):
     """The README's first command (`digits_run`) logs, evaluates, summarises and checkpoints; the
     same command with a longer `total_steps` resumes from its last checkpoint."""
-    log = digits_run.log
-    assert re.search(r"step 200/700  loss [\d.]+  lr [\d.e+-]+  [\d.]+ steps/s  [\d.]+ img/s  ETA \d+m\d\ds", log)
-    assert re.search(r"step 350  eval accuracy [\d.]+  loss [\d.]+  \(360 examples\)", log)
+    log, c = digits_run.log, load_config("digits")
+    total = c.total_steps
+    assert re.search(rf"step 200/{total}  loss [\d.]+  lr [\d.e+-]+  [\d.]+ steps/s  [\d.]+ img/s  ETA \d+m\d\ds", log)
+    assert re.search(rf"step {c.eval_every}  eval accuracy [\d.]+  loss [\d.]+  \(360 examples\)", log)
     assert re.search(r"final test accuracy [\d.]+% on 360 examples", log)
     assert "orbax" not in log.lower()  # Library INFO chatter stays out of the console.
-    assert sorted(os.listdir(os.path.join(digits_run.workdir, "checkpoints")), key=int) == ["350", "700"]
+    checkpoints = os.listdir(os.path.join(digits_run.workdir, "checkpoints"))
+    assert sorted(checkpoints, key=int) == [str(s) for s in range(c.checkpoint_every, total + 1, c.checkpoint_every)]
     assert {"train/loss", "train/lr", "eval/accuracy", "perf/steps_per_s"} <= event_tags(digits_run.workdir)
 
     workdir = str(tmp_path / "run")
     shutil.copytree(digits_run.workdir, workdir)
     args = ["--config=configs/digits.py", f"--workdir={workdir}", f"--config.input.data_dir={data_dir}"]
-    result = run_main(*args, "--config.total_steps=710", timeout=300)
+    result = run_main(*args, f"--config.total_steps={total + 10}", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "restored step 700 from" in result.stderr and "training from step 700 to 710" in result.stderr
-    assert "710" in os.listdir(os.path.join(workdir, "checkpoints"))
+    assert (
+        f"restored step {total} from" in result.stderr
+        and f"training from step {total} to {total + 10}" in result.stderr
+    )
+    assert str(total + 10) in os.listdir(os.path.join(workdir, "checkpoints"))
 
 
 def test_in_process_on_8_devices(data_dir, tmp_path):
