@@ -10,7 +10,7 @@ usage() {
   cat <<'EOF'
 Usage: launch/tpu_vm.sh COMMAND --name=NAME --zone=ZONE [--project=PROJECT]
                         [--accelerator_type=TYPE] [--version=VERSION] [--python=PYTHON]
-                        [--dry-run] [-- MAIN_ARGS...]
+                        [--compilation_cache=DIR] [--dry-run] [-- MAIN_ARGS...]
 
 Commands:
   create  create the TPU VM (--accelerator_type, default v3-8; --version, default tpu-ubuntu2204-base)
@@ -31,6 +31,9 @@ Options:
   --version=VERSION         TPU software version, for create (default tpu-ubuntu2204-base)
   --python=PYTHON           interpreter on the workers, for setup and run (default python3);
                             the pinned requirements need Python 3.11 or newer
+  --compilation_cache=DIR   for run: JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR),
+                            a directory every worker reads, e.g. gs://BUCKET/jax_cache; a relaunch
+                            (after preemption, say) loads its compiled steps instead of compiling
   --dry-run                 print the commands, one per line, and run nothing
   -h, --help                show this help
 
@@ -57,6 +60,7 @@ project=''
 accelerator_type=v3-8
 version='tpu-ubuntu2204-base'
 python=python3
+compilation_cache=''
 dry_run=0
 while (($#)); do
   case $1 in
@@ -66,7 +70,8 @@ while (($#)); do
     --accelerator_type=*) accelerator_type=${1#*=} ;;
     --version=*) version=${1#*=} ;;
     --python=*) python=${1#*=} ;;
-    --name | --zone | --project | --accelerator_type | --version | --python)
+    --compilation_cache=*) compilation_cache=${1#*=} ;;
+    --name | --zone | --project | --accelerator_type | --version | --python | --compilation_cache)
       die "option '$1' needs a value: $1=VALUE"
       ;;
     --dry-run) dry_run=1 ;;
@@ -93,6 +98,7 @@ if [[ $command == run ]]; then
   ((${#main_args[@]})) || die "run needs MAIN_ARGS after --, e.g. -- --config=configs/digits.py --workdir=runs/digits"
 else
   ((${#main_args[@]} == 0)) || die "only run takes MAIN_ARGS after --, not $command"
+  [[ -z $compilation_cache ]] || die "only run takes --compilation_cache, not $command"
 fi
 
 # Shell quoting that leaves plain words bare and single-quotes the rest (only the value of --flag=).
@@ -146,7 +152,8 @@ case $command in
     ;;
   run)
     # Detached (nohup, no stdin) so that the run outlives the ssh session.
-    ssh_all "cd ~/mixer_jax && nohup $(quote "$python" -m mixer_jax.main "${main_args[@]}") > ~/mixer_jax_run.log 2>&1 < /dev/null &"
+    cache=${compilation_cache:+JAX_COMPILATION_CACHE_DIR=$(quote "$compilation_cache") }
+    ssh_all "cd ~/mixer_jax && ${cache}nohup $(quote "$python" -m mixer_jax.main "${main_args[@]}") > ~/mixer_jax_run.log 2>&1 < /dev/null &"
     ;;
   logs)
     run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=0 --command='tail -f ~/mixer_jax_run.log'

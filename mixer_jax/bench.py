@@ -163,6 +163,8 @@ def run(mode: str) -> dict[str, Any]:
     from mixer_jax import config as config_lib
     from mixer_jax.data import preprocess
 
+    # `compile_s` times a compile: never a load from JAX's persistent cache (JAX_COMPILATION_CACHE_DIR).
+    jax.config.update("jax_enable_compilation_cache", False)
     c = bench_config()
     config_lib.validate(c, num_devices=jax.device_count(), num_processes=jax.process_count())
     mesh = sharding.make_mesh(c.mesh)

@@ -1,5 +1,6 @@
 """Test set-up: 8 fake CPU devices (before jax is imported), huge pages for subprocesses, one
-prepared digits dataset, and one run of the README's first command."""
+compilation cache for the run, one prepared digits dataset, and one run of the README's first
+command."""
 
 import os
 import sys
@@ -10,11 +11,26 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Huge pages for the runs the tests start as subprocesses, as the README advises for CPU: XLA maps
 # each step's temporary buffer afresh (README, Benchmarks).
 os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+# One persistent compilation cache for the whole test run, made here in the first process (xdist's
+# controller): its workers and the trainer runs they start inherit it, so a step that several
+# processes compile (every relaunch of a resume test) compiles once. `bench` opts out.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mixer_jax_tests_cache_")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def load_config(name: str, arg: str | None = None):

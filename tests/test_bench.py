@@ -15,8 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--variant=Mu/4", "--image_size=16", "--batch=8", "--num_classes=10", "--steps=2", "--json"]
 
 
-def bench(*args):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+def bench(*args, **env_vars):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", **env_vars)
     result = subprocess.run(
         [sys.executable, "-m", "mixer_jax.bench", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
@@ -31,8 +31,14 @@ def positive(value):
 @pytest.mark.parametrize(
     "extra", [[], ["--accum_steps=2", "--steps_per_call=2", "--mesh=1,2,1", "--scan", "--remat=full"]]
 )
-def test_bench_train(extra):
-    r = bench("train", *TINY, *extra)
+def test_bench_train(extra, tmp_path):
+    # With JAX's persistent cache switched on for every compile, `compile_s` still times a compile:
+    # bench neither loads from the cache nor writes to it.
+    cache = tmp_path / "cache"
+    r = bench(
+        "train", *TINY, *extra, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"
+    )
+    assert not cache.exists() or not any(cache.iterdir())
     for key in ("images_per_s", "tflops", "matmul_tflops", "mfu_vs_matmul", "compile_s", "peak_memory_bytes"):
         assert positive(r[key]), (key, r)
     assert r["device"] and r["mfu_vs_matmul"] == pytest.approx(r["tflops"] / r["matmul_tflops"])

@@ -255,6 +255,14 @@ def test_tpu_vm_run_exact_and_remote_command_round_trips():
     ]
 
 
+def test_tpu_vm_run_passes_the_compilation_cache():
+    """`--compilation_cache=DIR` becomes an assignment (bare name, quoted value) before nohup."""
+    lines = _lines(TPU_VM, "run", *TPU, "--compilation_cache=gs://bucket/jax cache", "--dry-run", "--", "--config=c.py")
+    remote = shlex.split(lines[0])[-1].removeprefix("--command=")
+    assert remote.startswith("cd ~/mixer_jax && JAX_COMPILATION_CACHE_DIR='gs://bucket/jax cache' nohup python3 ")
+    assert shlex.split(remote)[3:6] == ["JAX_COMPILATION_CACHE_DIR=gs://bucket/jax cache", "nohup", "python3"]
+
+
 @pytest.mark.parametrize(
     "command, pieces",
     [
@@ -305,6 +313,7 @@ def test_tpu_vm_setup_pins_the_jax_of_requirements():
         (["run", "--name=n", "--zone=z"], "run needs MAIN_ARGS after --"),
         (["logs", "--name=n", "--zone=z", "--", "--config=x"], "only run takes MAIN_ARGS"),
         (["create", "--name", "n", "--zone=z"], "option '--name' needs a value"),
+        (["logs", "--name=n", "--zone=z", "--compilation_cache=gs://b/c"], "only run takes --compilation_cache"),
     ],
 )
 def test_tpu_vm_bad_arguments_exit_2(args, message):
