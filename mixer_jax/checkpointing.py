@@ -70,15 +70,17 @@ class Checkpointer:
     ):
         self.directory = os.path.abspath(directory)
         policies = [checkpoint_managers.LatestN(n=keep)]
+        best_fn = None
         if keep_best:
-            lower_is_better = best_metric.endswith("loss")
+            sign = -1 if best_metric.endswith("loss") else 1
+
+            def best_fn(metrics: dict) -> float:
+                return sign * metrics[best_metric]
+
             policies.append(
-                checkpoint_managers.BestN(
-                    get_metric_fn=lambda metrics: metrics[best_metric] * (-1 if lower_is_better else 1),
-                    n=keep_best,
-                    keep_checkpoints_without_metrics=False,
-                )
+                checkpoint_managers.BestN(get_metric_fn=best_fn, n=keep_best, keep_checkpoints_without_metrics=False)
             )
+            _silence_missing_metrics()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -87,6 +89,10 @@ class Checkpointer:
                 enable_async_checkpointing=True,
                 cleanup_tmp_directories=not read_only,
                 preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+                # Orbax writes a save's metrics into its step, where a later run reads them back,
+                # only with a `best_fn`. Without them on disk, a resumed run knows no checkpoint's
+                # metric, and its first save would delete the best ones.
+                best_fn=best_fn,
             ),
         )
 
@@ -103,7 +109,10 @@ class Checkpointer:
         data_state: dict,
         config: ml_collections.ConfigDict,
         metrics: dict[str, float] | None = None,
+        deferred: tuple[str, ...] = (),
     ) -> None:
+        """`metrics`: the step's evaluation, for `keep_best`. `deferred`: the evaluations due at this
+        step that are left to the run that resumes from it (`deferred(step)`)."""
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -112,8 +121,14 @@ class Checkpointer:
                 config=ocp.args.JsonSave(config.to_dict()),
             ),
             metrics=metrics,
+            custom_metadata={"deferred_evaluations": list(deferred)} if deferred else None,
             force=True,
         )
+
+    def deferred(self, step: int) -> tuple[str, ...]:
+        """The evaluations due at `step` that its save left to the run that resumes from it."""
+        custom = self.manager.metadata(step).custom_metadata or {}
+        return tuple(custom.get("deferred_evaluations", ()))
 
     def saved_config(self, step: int) -> dict:
         try:
@@ -272,6 +287,20 @@ def _silence_late_reads() -> None:
     hook.silences_late_reads = True
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(lambda r: "exception was never retrieved" not in r.getMessage())
+
+
+class _NoMissingMetricsWarning(logging.Filter):
+    """With `keep_best`, Orbax warns at each save without metrics. Most saves have none (only
+    evaluation steps do), and `keep_checkpoints` alone keeps them, as it should."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+def _silence_missing_metrics() -> None:
+    logger = logging.getLogger("absl")  # Orbax logs through absl.
+    if not any(isinstance(f, _NoMissingMetricsWarning) for f in logger.filters):
+        logger.addFilter(_NoMissingMetricsWarning())
 
 
 class Preemption:

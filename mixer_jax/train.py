@@ -324,11 +324,13 @@ def _train_and_evaluate(
     )
     closing.callback(ckpt.close)
     step_to_restore = ckpt.latest_step()
+    deferred: tuple[str, ...] = ()  # Evaluations of the restored step that its run left undone.
     if step_to_restore is not None:
         _check_resumable(config, ckpt, step_to_restore)
         state, data_state = ckpt.restore(step_to_restore, abstract_sharded)
         train_iter.set_state(data_state)
         logging.info("restored step %d from %s", step_to_restore, ckpt.directory)
+        deferred = ckpt.deferred(step_to_restore)
     elif config.init.path:
         state = state_from_weights(config, model, tx, state_shardings, base_rng)
         logging.info("initialised from %s%s", config.init.path, " with a new head" if config.init.new_head else "")
@@ -358,6 +360,45 @@ def _train_and_evaluate(
         # A copy: the writer reads it on its own thread, after the loop may have extended `metrics`.
         writer.write_scalars(step, dict(metrics))
         _append_jsonl(workdir, step, metrics, is_main)
+
+    def run_evaluations(step: int, params: Any, due: tuple[str, ...]) -> dict[str, float]:
+        """Runs the evaluations in `due` ("eval", "fewshot") of `params`, the state at `step`, and
+        publishes and logs them. Returns the evaluation's metrics, with the few-shot ones when both
+        ran (the checkpoint's metrics and the run's result)."""
+        nonlocal last_log
+        out: dict[str, float] = {}
+        if "eval" in due:
+            out = evaluate(params)
+            publish(step, out)
+            logging.info(
+                "step %d  eval accuracy %.4f  loss %.4f  (%d examples)",
+                step,
+                out["eval/accuracy"],
+                out["eval/loss"],
+                out["eval/examples"],
+            )
+        if "fewshot" in due:
+            fewshot_metrics = fewshot_eval(params, model)
+            publish(step, fewshot_metrics)
+            logging.info(
+                "step %d  few-shot %s",
+                step,
+                "  ".join(f"{k.removeprefix('fewshot/')} {100 * v:.2f}%" for k, v in fewshot_metrics.items()),
+            )
+            if "eval" in due:
+                out |= fewshot_metrics
+        last_log = (time.perf_counter(), step)  # Keep evaluation out of the step rate.
+        return out
+
+    if deferred:  # The preempted run saved this step before evaluating it: that comes first.
+        logging.info(
+            "step %d was saved on a preemption notice before its evaluation (%s): evaluating it now",
+            first_step,
+            ", ".join(deferred),
+        )
+        results = run_evaluations(first_step, state.params, deferred)
+        if "eval" in deferred:
+            eval_metrics = results
 
     per_call, step, calls = steps_per_call(config), first_step, 0
     if per_call != config.steps_per_call:
@@ -416,35 +457,28 @@ def _train_and_evaluate(
                     _format_time(eta),
                 )
 
-            if is_eval:
-                eval_metrics = evaluate(state.params)
-                publish(step, eval_metrics)
-                logging.info(
-                    "step %d  eval accuracy %.4f  loss %.4f  (%d examples)",
-                    step,
-                    eval_metrics["eval/accuracy"],
-                    eval_metrics["eval/loss"],
-                    eval_metrics["eval/examples"],
-                )
-                last_log = (time.perf_counter(), step)  # Keep evaluation out of the step rate.
-
-            if fewshot_eval and (is_last or (config.fewshot.every and step % config.fewshot.every == 0)):
-                fewshot_metrics = fewshot_eval(state.params, model)
-                publish(step, fewshot_metrics)
-                logging.info(
-                    "step %d  few-shot %s",
-                    step,
-                    "  ".join(f"{k.removeprefix('fewshot/')} {100 * v:.2f}%" for k, v in fewshot_metrics.items()),
-                )
-                if is_eval:  # Saved with the checkpoint and returned at the end.
-                    eval_metrics |= fewshot_metrics
-                last_log = (time.perf_counter(), step)
-
+            is_fewshot = bool(fewshot_eval) and (
+                is_last or bool(config.fewshot.every and step % config.fewshot.every == 0)
+            )
+            due = ("eval",) * is_eval + ("fewshot",) * is_fewshot
+            # On a preemption notice the save comes first, within the grace period the notice gives;
+            # the evaluations due here are left to the resumed run (recorded with the checkpoint).
+            if due and not preempted:
+                results = run_evaluations(step, state.params, due)
+                if is_eval:
+                    eval_metrics = results
             if is_save:
-                ckpt.save(step, state, train_iter.get_state(), config, metrics=eval_metrics if is_eval else None)
-            if preempted and not is_last:
+                ckpt.save(
+                    step,
+                    state,
+                    train_iter.get_state(),
+                    config,
+                    metrics=eval_metrics if is_eval and not preempted else None,
+                    deferred=due if preempted else (),
+                )
+            if preempted:
                 ckpt.wait()
-                raise Preempted(step, ckpt.directory)
+                raise Preempted(step, ckpt.directory, evaluated_on_resume=bool(due))
 
     ckpt.wait()
     if not eval_metrics and first_step == config.total_steps:
@@ -462,8 +496,9 @@ def _train_and_evaluate(
 class Preempted(Exception):
     """The run saved a checkpoint at `step` and stopped on a preemption notice; re-run to resume."""
 
-    def __init__(self, step: int, directory: str):
-        super().__init__(f"preempted: saved step {step} in {directory}; re-run the same command to resume")
+    def __init__(self, step: int, directory: str, evaluated_on_resume: bool = False):
+        then = f" (it evaluates step {step} first)" if evaluated_on_resume else ""
+        super().__init__(f"preempted: saved step {step} in {directory}; re-run the same command to resume{then}")
         self.step = step
 
 

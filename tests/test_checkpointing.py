@@ -371,3 +371,47 @@ def test_keep_best_and_latest(data_dir, tmp_path):
     best = max(sorted(acc), key=lambda s: acc[s])  # The earliest step of the best accuracy.
     kept = set(checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1).all_steps())
     assert 24 in kept and best in kept and len(kept) == len({24, best}), (kept, acc)
+
+
+def test_keep_best_survives_a_resume(tmp_path):
+    """The best checkpoint of an earlier run of the workdir outlives the resumed run's saves: the
+    metrics it was kept by are read back from disk."""
+    state, config = {"w": np.ones(3, np.float32)}, digits_config({})
+
+    def session(saves):
+        ckpt = checkpointing.Checkpointer(str(tmp_path), keep=1, keep_best=1)
+        for step, accuracy in saves:
+            metrics = None if accuracy is None else {"eval/accuracy": accuracy, "eval/loss": 1 - accuracy}
+            ckpt.save(step, state, {"next_index": step}, config, metrics=metrics)
+        ckpt.wait()
+        ckpt.close()
+        return ckpt.all_steps()
+
+    assert session([(1, 0.9), (2, 0.1), (3, None)]) == [1, 3]
+    assert session([(4, 0.3), (5, None)]) == [1, 5]
+
+
+def test_preemption_at_an_evaluation_step_saves_first(good_workdir, data_dir, tmp_path, monkeypatch):
+    """A preemption notice in the call that ends on an evaluation step (4, mid-run; 8, the last)
+    saves at once and leaves the evaluation to the resumed run, which runs it before anything else:
+    the evaluations match an uninterrupted run's."""
+    with open(os.path.join(good_workdir, "metrics.jsonl")) as f:
+        (straight,) = [r for r in map(json.loads, f) if "eval/accuracy" in r]  # Step 8, the end.
+    for preempt_at in (4, 8):
+        workdir = str(tmp_path / str(preempt_at))
+        config = base_config(data_dir, total_steps=8, eval_every=4)
+        with monkeypatch.context() as m:
+            m.setattr(checkpointing.Preemption, "reached", lambda self, call_id, at=preempt_at: call_id == at)
+            with pytest.raises(train.Preempted, match=f"saved step {preempt_at} .* evaluates step {preempt_at} first"):
+                train.train_and_evaluate(config, workdir)
+        ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2)
+        assert ckpt.latest_step() == preempt_at and ckpt.deferred(preempt_at) == ("eval",)
+        ckpt.close()
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            assert all(r["step"] < preempt_at for r in map(json.loads, f) if "eval/accuracy" in r)
+
+        final = train.train_and_evaluate(config, workdir)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            evals = [r for r in map(json.loads, f) if "eval/accuracy" in r]
+        assert [r["step"] for r in evals] == [4, 8]
+        assert evals[-1] == straight and final == {k: v for k, v in straight.items() if k != "step"}

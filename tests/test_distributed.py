@@ -3,8 +3,10 @@
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
+import time
 
 import jax
 import numpy as np
@@ -49,6 +51,11 @@ def losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     return np.array([r["train/loss"] for r in rows if "train/loss" in r])
+
+
+def eval_steps(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r["step"] for r in map(json.loads, f) if "eval/accuracy" in r]
 
 
 def params(workdir):
@@ -194,6 +201,22 @@ def port_is_free(port):
             return False
 
 
+def read(path):
+    return path.read_text() if path.is_file() else ""
+
+
+def python_processes():
+    """(pid, command line) of this user's processes."""
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                out.append((int(entry), f.read().replace(b"\0", b" ").decode()))
+        except (ValueError, OSError):
+            continue
+    return out
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -208,20 +231,34 @@ def eight_device_run(data_dir, tmp_path_factory):
 
 
 def test_two_processes_match_one(eight_device_run, data_dir, tmp_path):
-    """launch/local.sh: 2 processes x 4 CPU devices, 2 steps per call, the loss trajectory of 1
-    process x 8 devices."""
+    """launch/local.sh: 2 processes x 4 CPU devices, 4 steps per call, the loss trajectory of 1
+    process x 8 devices. A preemption notice to process 1 alone stops both at one step, saved before
+    its evaluation; the relaunch evaluates that step, then trains on."""
     workdir = str(tmp_path / "run")
-    args = cli_args(data_dir, workdir, total_steps=20, schedule="constant", steps_per_call=2, log_every=2)
-    result = subprocess.run(
-        ["bash", "launch/local.sh", "--num_processes=2", "--devices_per_process=4", f"--port={free_port()}", "--"]
-        + args,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    np.testing.assert_allclose(losses(workdir), losses(eight_device_run).reshape(10, 2).mean(1), rtol=1e-5)
+    args = cli_args(data_dir, workdir, total_steps=20, schedule="constant", steps_per_call=4, log_every=4, eval_every=4)
+    logs = tmp_path / "run" / "logs"
+
+    def launch():
+        command = ["bash", "launch/local.sh", "--num_processes=2", "--devices_per_process=4", f"--port={free_port()}"]
+        return subprocess.Popen([*command, "--", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    first = launch()
+    deadline = time.monotonic() + 300
+    # Both processes have joined the runtime (its SIGTERM handler is set) once process 0 trains.
+    while "training from step 0" not in read(logs / "process_0.log"):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+        time.sleep(0.05)
+    (process_1,) = [pid for pid, command in python_processes() if workdir in command and "--process_id=1" in command]
+    os.kill(process_1, signal.SIGTERM)
+    assert first.wait(timeout=300) == 3, first.stderr.read()[-3000:]
+    saved = [int(read(logs / f"process_{i}.log").split("preempted: saved step ")[1].split()[0]) for i in range(2)]
+    assert saved[0] == saved[1] < 20
+    assert max(eval_steps(workdir), default=0) < saved[0]  # Saved before it was evaluated.
+    relaunch = launch()
+    assert relaunch.wait(timeout=300) == 0, relaunch.stderr.read()[-3000:]
+    assert f"restored step {saved[0]} from" in read(logs / "process_0.log")
+    assert eval_steps(workdir) == list(range(4, 21, 4))  # Each step evaluated once, the saved one first.
+    np.testing.assert_allclose(losses(workdir), losses(eight_device_run).reshape(5, 4).mean(1), rtol=1e-5)
     # The checkpoint both processes wrote restores in this single process, onto another mesh.
     c = small_config(data_dir, total_steps=20, schedule="constant", **{"mesh.data": 2, "mesh.tensor": 4})
     m = sharding.make_mesh(c.mesh)
