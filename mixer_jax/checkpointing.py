@@ -307,13 +307,14 @@ class Preemption:
     """Whether the run must save and stop now, agreed by every process.
 
     Several processes: JAX's preemption sync point (the coordination service turns SIGTERM and the
-    TPU maintenance notice into a call of the train step that every process reaches). One process: a
-    SIGTERM handler.
+    TPU maintenance notice into one `reached()` call at which every process answers yes). One
+    process: a SIGTERM handler.
     """
 
     def __init__(self):
         self.requested = threading.Event()
         self.multiprocess = jax.process_count() > 1
+        self._asked = 0
         self._previous = None
         if not self.multiprocess and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
@@ -325,12 +326,14 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
 
-    def reached(self, call_id: int) -> bool:
-        """`call_id`: a counter that every process advances by one per train call."""
+    def reached(self) -> bool:
+        """Whether to save and stop now. Every process asks at the same points of the run (after
+        each train call, before each evaluation batch): the sync point counts the questions."""
+        self._asked += 1
         if self.multiprocess:
             from jax.experimental import multihost_utils
 
-            return multihost_utils.reached_preemption_sync_point(call_id)
+            return multihost_utils.reached_preemption_sync_point(self._asked)
         return self.requested.is_set()
 
 

@@ -86,14 +86,18 @@ def compute_features(
     images: np.ndarray,
     batch_size: int = 256,
     fn: Callable[[Any, np.ndarray], jax.Array] | None = None,
-) -> np.ndarray:
+    stop: Callable[[], bool] = lambda: False,
+) -> np.ndarray | None:
     """Pre-logits of `images` (N, H, W, 3), in fixed-size padded batches (one compile).
 
     `fn`: a `pre_logits_fn(model, params)` to reuse across calls, so nothing is compiled twice.
+    `stop`: asked before each batch; None when it said stop.
     """
     fn = functools.partial(fn or pre_logits_fn(model, params), params)
     out = []
     for start in range(0, len(images), batch_size):
+        if stop():
+            return None
         batch = images[start : start + batch_size]
         pad = batch_size - len(batch)
         if pad:
@@ -199,7 +203,10 @@ class Evaluator:
             test_labels=np.asarray([int(ex["label"]) for ex in test_examples]),
         )
 
-    def __call__(self, params: Any, model: models.MlpMixer) -> dict[str, float]:
+    def __call__(
+        self, params: Any, model: models.MlpMixer, stop: Callable[[], bool] = lambda: False
+    ) -> dict[str, float] | None:
+        """The probes' accuracies; None if `stop()`, asked before each batch of images, said stop."""
         if self._features is None or self._features[0] is not model:
             self._features = (model, pre_logits_fn(model, params))
         fn = self._features[1]
@@ -209,8 +216,14 @@ class Evaluator:
             if key not in self._data:
                 self._data[key] = self._load(name, train_split, test_split)
             d = self._data[key]
-            train_x = compute_features(model, params, d["train_images"], self.batch_size, fn)
-            test_x = compute_features(model, params, d["test_images"], self.batch_size, fn)
+            train_x = compute_features(model, params, d["train_images"], self.batch_size, fn, stop)
+            test_x = (
+                None
+                if train_x is None
+                else compute_features(model, params, d["test_images"], self.batch_size, fn, stop)
+            )
+            if test_x is None:
+                return None
             for k in self.shots:
                 accuracies = [
                     probe_accuracy(

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -219,7 +220,8 @@ def make_train_step(
 
 
 def _evaluator(config: ml_collections.ConfigDict, model: models.MlpMixer, mesh: Mesh, eval_data: pipeline.EvalData):
-    """`evaluate(params) -> metrics` over the whole split: masked sums, each example counted once."""
+    """`evaluate(params, stop) -> metrics` over the whole split: masked sums, each example counted
+    once. `stop` is asked before each batch; the metrics are None when it said stop."""
     finish = preprocess.parse(config.input.pp_eval).on_device
 
     @jax.jit
@@ -233,9 +235,11 @@ def _evaluator(config: ml_collections.ConfigDict, model: models.MlpMixer, mesh: 
             "count": mask.sum(),
         }
 
-    def evaluate(params: Any) -> dict[str, float]:
+    def evaluate(params: Any, stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
         totals = None
         for local_batch in eval_data:
+            if stop():
+                return None
             out = eval_step(params, sharding.put_batch(local_batch, mesh, batch_size=config.batch_size))
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
         totals = jax.device_get(totals)
@@ -361,36 +365,40 @@ def _train_and_evaluate(
         writer.write_scalars(step, dict(metrics))
         _append_jsonl(workdir, step, metrics, is_main)
 
-    def run_evaluations(step: int, params: Any, due: tuple[str, ...]) -> dict[str, float]:
-        """Runs the evaluations in `due` ("eval", "fewshot") of `params`, the state at `step`, and
-        publishes and logs them. Returns the evaluation's metrics, with the few-shot ones when both
-        ran (the checkpoint's metrics and the run's result)."""
+    def run_evaluations(
+        step: int, params: Any, due: tuple[str, ...], stop: Callable[[], bool] = lambda: False
+    ) -> dict[str, float] | None:
+        """Runs the evaluations in `due` ("eval", "fewshot") of `params`, the state at `step`, then
+        publishes and logs them together. Returns the evaluation's metrics, with the few-shot ones
+        when both ran (the checkpoint's metrics and the run's result); or None, publishing nothing,
+        when `stop`, asked before each batch, said stop."""
         nonlocal last_log
-        out: dict[str, float] = {}
-        if "eval" in due:
-            out = evaluate(params)
-            publish(step, out)
+        evaluation = evaluate(params, stop) if "eval" in due else {}
+        probes = fewshot_eval(params, model, stop) if "fewshot" in due and evaluation is not None else {}
+        last_log = (time.perf_counter(), step)  # Keep evaluation out of the step rate.
+        if evaluation is None or probes is None:
+            return None
+        if evaluation:
+            publish(step, evaluation)
             logging.info(
                 "step %d  eval accuracy %.4f  loss %.4f  (%d examples)",
                 step,
-                out["eval/accuracy"],
-                out["eval/loss"],
-                out["eval/examples"],
+                evaluation["eval/accuracy"],
+                evaluation["eval/loss"],
+                evaluation["eval/examples"],
             )
-        if "fewshot" in due:
-            fewshot_metrics = fewshot_eval(params, model)
-            publish(step, fewshot_metrics)
+        if probes:
+            publish(step, probes)
             logging.info(
                 "step %d  few-shot %s",
                 step,
-                "  ".join(f"{k.removeprefix('fewshot/')} {100 * v:.2f}%" for k, v in fewshot_metrics.items()),
+                "  ".join(f"{k.removeprefix('fewshot/')} {100 * v:.2f}%" for k, v in probes.items()),
             )
-            if "eval" in due:
-                out |= fewshot_metrics
-        last_log = (time.perf_counter(), step)  # Keep evaluation out of the step rate.
-        return out
+        return evaluation | probes
 
-    if deferred:  # The preempted run saved this step before evaluating it: that comes first.
+    # The preempted run saved this step before evaluating it: that comes first. (Unstoppable: with
+    # the state saved, a notice now loses nothing but the evaluation.)
+    if deferred:
         logging.info(
             "step %d was saved on a preemption notice before its evaluation (%s): evaluating it now",
             first_step,
@@ -400,7 +408,7 @@ def _train_and_evaluate(
         if "eval" in deferred:
             eval_metrics = results
 
-    per_call, step, calls = steps_per_call(config), first_step, 0
+    per_call, step = steps_per_call(config), first_step
     if per_call != config.steps_per_call:
         logging.info(
             "%d steps per call: steps_per_call=%d, lowered to divide the periods", per_call, config.steps_per_call
@@ -415,15 +423,20 @@ def _train_and_evaluate(
             )
             with jax.transfer_guard("disallow"):  # The call's one transfer is above; nothing waits.
                 state, metrics = train_steps(state, batches)
-            step, calls = step + n, calls + 1
+            step += n
             pending.append(metrics)
             is_last = step == config.total_steps
-            preempted = preemption.reached(first_step + calls)  # Its sync point counts calls, one by one.
+            preempted = preemption.reached()
             is_log = step % config.log_every == 0 or is_last
             is_eval = is_last or bool(config.eval_every and step % config.eval_every == 0)
-            is_save = is_last or preempted or bool(config.checkpoint_every and step % config.checkpoint_every == 0)
+            is_fewshot = bool(fewshot_eval) and (
+                is_last or bool(config.fewshot.every and step % config.fewshot.every == 0)
+            )
+            due = ("eval",) * is_eval + ("fewshot",) * is_fewshot
+            is_save = is_last or bool(config.checkpoint_every and step % config.checkpoint_every == 0)
 
-            if is_log or is_save:
+            # Checked finite before anything is saved (a notice may come during the evaluations).
+            if is_log or is_save or preempted or due:
                 fetched = [
                     {k: v[i] for k, v in m.items()}
                     for m in jax.device_get(pending)
@@ -457,17 +470,14 @@ def _train_and_evaluate(
                     _format_time(eta),
                 )
 
-            is_fewshot = bool(fewshot_eval) and (
-                is_last or bool(config.fewshot.every and step % config.fewshot.every == 0)
-            )
-            due = ("eval",) * is_eval + ("fewshot",) * is_fewshot
-            # On a preemption notice the save comes first, within the grace period the notice gives;
-            # the evaluations due here are left to the resumed run (recorded with the checkpoint).
+            # A preemption notice, before or during the evaluations, leaves them to the resumed run
+            # (recorded with the checkpoint): the save comes first, within the notice's grace period.
             if due and not preempted:
-                results = run_evaluations(step, state.params, due)
-                if is_eval:
+                results = run_evaluations(step, state.params, due, stop=preemption.reached)
+                preempted = results is None
+                if is_eval and not preempted:
                     eval_metrics = results
-            if is_save:
+            if is_save or preempted:
                 ckpt.save(
                     step,
                     state,

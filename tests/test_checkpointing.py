@@ -391,27 +391,40 @@ def test_keep_best_survives_a_resume(tmp_path):
     assert session([(4, 0.3), (5, None)]) == [1, 5]
 
 
-def test_preemption_at_an_evaluation_step_saves_first(good_workdir, data_dir, tmp_path, monkeypatch):
-    """A preemption notice in the call that ends on an evaluation step (4, mid-run; 8, the last)
-    saves at once and leaves the evaluation to the resumed run, which runs it before anything else:
-    the evaluations match an uninterrupted run's."""
+@pytest.mark.parametrize(
+    "notice_after, saved",
+    [(3, 4), (4, 4), (8, 8)],
+    ids=["in_the_call_before_the_evaluation", "during_the_evaluation", "during_the_final_evaluation"],
+)
+def test_preemption_at_an_evaluation_step_saves_first(
+    notice_after, saved, good_workdir, data_dir, tmp_path, monkeypatch
+):
+    """A SIGTERM after step `notice_after` is logged, in the call that ends on an evaluation step or
+    during that step's evaluation, saves at once and leaves the evaluation to the resumed run, which
+    runs it before anything else: the evaluations match an uninterrupted run's."""
     with open(os.path.join(good_workdir, "metrics.jsonl")) as f:
         (straight,) = [r for r in map(json.loads, f) if "eval/accuracy" in r]  # Step 8, the end.
-    for preempt_at in (4, 8):
-        workdir = str(tmp_path / str(preempt_at))
-        config = base_config(data_dir, total_steps=8, eval_every=4)
-        with monkeypatch.context() as m:
-            m.setattr(checkpointing.Preemption, "reached", lambda self, call_id, at=preempt_at: call_id == at)
-            with pytest.raises(train.Preempted, match=f"saved step {preempt_at} .* evaluates step {preempt_at} first"):
-                train.train_and_evaluate(config, workdir)
-        ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2)
-        assert ckpt.latest_step() == preempt_at and ckpt.deferred(preempt_at) == ("eval",)
-        ckpt.close()
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            assert all(r["step"] < preempt_at for r in map(json.loads, f) if "eval/accuracy" in r)
+    workdir = str(tmp_path)
+    config = base_config(data_dir, total_steps=8, eval_every=4)
+    append = train._append_jsonl
 
-        final = train.train_and_evaluate(config, workdir)
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            evals = [r for r in map(json.loads, f) if "eval/accuracy" in r]
-        assert [r["step"] for r in evals] == [4, 8]
-        assert evals[-1] == straight and final == {k: v for k, v in straight.items() if k != "step"}
+    def append_then_signal(workdir, step, metrics, is_main):
+        append(workdir, step, metrics, is_main)
+        if step == notice_after and "train/loss" in metrics:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "_append_jsonl", append_then_signal)
+        with pytest.raises(train.Preempted, match=f"saved step {saved} .* evaluates step {saved} first"):
+            train.train_and_evaluate(config, workdir)
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2)
+    assert ckpt.latest_step() == saved and ckpt.deferred(saved) == ("eval",)
+    ckpt.close()
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert all(r["step"] < saved for r in map(json.loads, f) if "eval/accuracy" in r)
+
+    final = train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert evals[-1] == straight and final == {k: v for k, v in straight.items() if k != "step"}

@@ -55,6 +55,10 @@ def test_ten_shot_probe_on_a_digits_model(digits_run, data_dir):
     random_init = model.init(jax.random.key(1), np.zeros((1, 16, 16, 3), np.float32))["params"]
     random_params = weights.convert(weights.flatten(random_init), model)
     assert evaluator(random_params, model)["fewshot/digits_10shot"] < results["fewshot/digits_10shot"]
+    # `stop` is asked before each batch of images: 200 train images (one batch of 256), then 360 test
+    # images (two); a yes at the third question ends the call with no results.
+    asked = []
+    assert evaluator(params, model, stop=lambda: asked.append(True) or len(asked) == 3) is None and len(asked) == 3
 
 
 def test_fewshot_command_line(digits_run, data_dir, capsys):
