@@ -367,44 +367,48 @@ def _train_and_evaluate(
 
     def run_evaluations(
         step: int, params: Any, due: tuple[str, ...], stop: Callable[[], bool] = lambda: False
-    ) -> dict[str, float] | None:
-        """Runs the evaluations in `due` ("eval", "fewshot") of `params`, the state at `step`, then
-        publishes and logs them together. Returns the evaluation's metrics, with the few-shot ones
-        when both ran (the checkpoint's metrics and the run's result); or None, publishing nothing,
-        when `stop`, asked before each batch, said stop."""
+    ) -> tuple[dict[str, float], tuple[str, ...]]:
+        """Runs the evaluations in `due` ("eval", then "fewshot") of `params`, the state at `step`,
+        and publishes and logs each one that completes. Returns the evaluation's metrics, with the
+        few-shot ones when both ran (the checkpoint's metrics and the run's result), and the
+        evaluations left undone because `stop`, asked before each batch, said stop."""
         nonlocal last_log
-        evaluation = evaluate(params, stop) if "eval" in due else {}
-        probes = fewshot_eval(params, model, stop) if "fewshot" in due and evaluation is not None else {}
-        last_log = (time.perf_counter(), step)  # Keep evaluation out of the step rate.
-        if evaluation is None or probes is None:
-            return None
-        if evaluation:
-            publish(step, evaluation)
-            logging.info(
-                "step %d  eval accuracy %.4f  loss %.4f  (%d examples)",
-                step,
-                evaluation["eval/accuracy"],
-                evaluation["eval/loss"],
-                evaluation["eval/examples"],
-            )
-        if probes:
-            publish(step, probes)
-            logging.info(
-                "step %d  few-shot %s",
-                step,
-                "  ".join(f"{k.removeprefix('fewshot/')} {100 * v:.2f}%" for k, v in probes.items()),
-            )
-        return evaluation | probes
+        results: dict[str, float] = {}
+        for i, kind in enumerate(due):
+            metrics = evaluate(params, stop) if kind == "eval" else fewshot_eval(params, model, stop)
+            last_log = (time.perf_counter(), step)  # Keep evaluation out of the step rate.
+            if metrics is None:
+                return results, due[i:]
+            publish(step, metrics)
+            if kind == "eval":
+                logging.info(
+                    "step %d  eval accuracy %.4f  loss %.4f  (%d examples)",
+                    step,
+                    metrics["eval/accuracy"],
+                    metrics["eval/loss"],
+                    metrics["eval/examples"],
+                )
+            else:
+                logging.info(
+                    "step %d  few-shot %s",
+                    step,
+                    "  ".join(f"{k.removeprefix('fewshot/')} {100 * v:.2f}%" for k, v in metrics.items()),
+                )
+            results |= metrics
+        return results, ()
 
-    # The preempted run saved this step before evaluating it: that comes first. (Unstoppable: with
-    # the state saved, a notice now loses nothing but the evaluation.)
+    # The preempted run saved this step before evaluating it: that comes first, unless an earlier
+    # resume did it. (Unstoppable: with the state saved, a notice now loses only the evaluation.)
+    deferred = _not_yet_logged(workdir, first_step, deferred, fewshot=fewshot_eval is not None)
     if deferred:
         logging.info(
             "step %d was saved on a preemption notice before its evaluation (%s): evaluating it now",
             first_step,
             ", ".join(deferred),
         )
-        results = run_evaluations(first_step, state.params, deferred)
+        if "eval" in deferred and config.keep_best:
+            logging.warning("step %d was evaluated after its save: keep_best does not rank it", first_step)
+        results, _ = run_evaluations(first_step, state.params, deferred)
         if "eval" in deferred:
             eval_metrics = results
 
@@ -472,10 +476,11 @@ def _train_and_evaluate(
 
             # A preemption notice, before or during the evaluations, leaves them to the resumed run
             # (recorded with the checkpoint): the save comes first, within the notice's grace period.
+            left = due if preempted else ()
             if due and not preempted:
-                results = run_evaluations(step, state.params, due, stop=preemption.reached)
-                preempted = results is None
-                if is_eval and not preempted:
+                results, left = run_evaluations(step, state.params, due, stop=preemption.reached)
+                preempted = bool(left)
+                if "eval" in due and "eval" not in left:
                     eval_metrics = results
             if is_save or preempted:
                 ckpt.save(
@@ -483,12 +488,12 @@ def _train_and_evaluate(
                     state,
                     train_iter.get_state(),
                     config,
-                    metrics=eval_metrics if is_eval and not preempted else None,
-                    deferred=due if preempted else (),
+                    metrics=eval_metrics if is_eval and "eval" not in left else None,
+                    deferred=left,
                 )
             if preempted:
                 ckpt.wait()
-                raise Preempted(step, ckpt.directory, evaluated_on_resume=bool(due))
+                raise Preempted(step, ckpt.directory, evaluated_on_resume=bool(left))
 
     ckpt.wait()
     if not eval_metrics and first_step == config.total_steps:
@@ -528,6 +533,32 @@ def _check_finite(fetched: list[dict[str, np.ndarray]], first_step: int, ckpt: c
                 "Lower --config.lr, lengthen --config.warmup_steps or set --config.grad_clip_norm, then re-run "
                 "to resume from it."
             )
+
+
+def _not_yet_logged(workdir: str, step: int, deferred: tuple[str, ...], *, fewshot: bool) -> tuple[str, ...]:
+    """The evaluations in `deferred` that have no row at `step` in WORKDIR/metrics.jsonl (an earlier
+    resume may have run them) and that this run can do. Process 0, which writes the log, decides
+    for all."""
+    if not deferred:
+        return ()
+    logged = set()
+    if jax.process_index() == 0 and os.path.exists(path := os.path.join(workdir, "metrics.jsonl")):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # A line cut short by a kill.
+                    continue
+                if row.get("step") == step:
+                    logged |= {"eval"} if "eval/accuracy" in row else set()
+                    logged |= {"fewshot"} if any(k.startswith("fewshot/") for k in row) else set()
+    kinds = ("eval", "fewshot")
+    todo = np.array([k in deferred and k not in logged and (k == "eval" or fewshot) for k in kinds], np.int32)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        todo = np.asarray(multihost_utils.broadcast_one_to_all(todo))
+    return tuple(k for k, do in zip(kinds, todo, strict=True) if do)
 
 
 def _check_resumable(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointer, step: int) -> None:

@@ -428,3 +428,34 @@ def test_preemption_at_an_evaluation_step_saves_first(
         evals = [r for r in map(json.loads, f) if "eval/accuracy" in r]
     assert [r["step"] for r in evals] == [4, 8]
     assert evals[-1] == straight and final == {k: v for k, v in straight.items() if k != "step"}
+    train.train_and_evaluate(config, workdir)  # A re-run of the finished workdir reports, adds no rows.
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert [r["step"] for r in map(json.loads, f) if "eval/accuracy" in r] == [4, 8]
+
+
+def test_preemption_during_the_few_shot_probes_keeps_the_evaluation(data_dir, tmp_path, monkeypatch):
+    """A SIGTERM as step 4's evaluation is logged stops its few-shot probes: the checkpoint keeps
+    the evaluation's metrics (for keep_best) and leaves only the probes to the resumed run."""
+    workdir = str(tmp_path)
+    probes = {"fewshot.datasets": "digits", "fewshot.shots": "2", "fewshot.num_seeds": 1, "fewshot.every": 4}
+    config = base_config(data_dir, total_steps=8, eval_every=4, keep_best=1, **probes)
+    append = train._append_jsonl
+
+    def append_then_signal(workdir, step, metrics, is_main):
+        append(workdir, step, metrics, is_main)
+        if step == 4 and "eval/accuracy" in metrics:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "_append_jsonl", append_then_signal)
+        with pytest.raises(train.Preempted, match="saved step 4 .* evaluates step 4 first"):
+            train.train_and_evaluate(config, workdir)
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2, keep_best=1)
+    assert ckpt.deferred(4) == ("fewshot",) and ckpt.manager.metrics(4)["eval/examples"] == 360
+    ckpt.close()
+
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = list(map(json.loads, f))
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [4, 8]
+    assert [r["step"] for r in rows if "fewshot/digits_2shot" in r] == [4, 8]

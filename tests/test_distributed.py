@@ -246,7 +246,9 @@ def test_two_processes_match_one(eight_device_run, data_dir, tmp_path):
     deadline = time.monotonic() + 300
     # Both processes have joined the runtime (its SIGTERM handler is set) once process 0 trains.
     while "training from step 0" not in read(logs / "process_0.log"):
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+        if first.poll() is not None or time.monotonic() > deadline:
+            first.terminate()  # local.sh stops its processes.
+            pytest.fail(f"no training from process 0: {first.communicate(timeout=60)[1][-3000:]}")
         time.sleep(0.05)
     (process_1,) = [pid for pid, command in python_processes() if workdir in command and "--process_id=1" in command]
     os.kill(process_1, signal.SIGTERM)

@@ -47,7 +47,9 @@ def test_ten_shot_probe_on_a_digits_model(digits_run, data_dir):
     flat = weights.read(workdir)
     model = weights.model_for(flat, "Ti/4")
     params = weights.convert(flat, model)
-    evaluator = fewshot.Evaluator("digits", image_size=16, data_dir=data_dir, shots=(1, 10), num_seeds=2)
+    evaluator = fewshot.Evaluator(
+        "digits", image_size=16, data_dir=data_dir, shots=(1, 10), num_seeds=2, batch_size=256
+    )
     results = evaluator(params, model)
     assert set(results) == {"fewshot/digits_1shot", "fewshot/digits_10shot"}
     assert results["fewshot/digits_10shot"] >= 0.90, results
