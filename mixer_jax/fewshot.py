@@ -217,11 +217,9 @@ class Evaluator:
                 self._data[key] = self._load(name, train_split, test_split)
             d = self._data[key]
             train_x = compute_features(model, params, d["train_images"], self.batch_size, fn, stop)
-            test_x = (
-                None
-                if train_x is None
-                else compute_features(model, params, d["test_images"], self.batch_size, fn, stop)
-            )
+            if train_x is None:
+                return None
+            test_x = compute_features(model, params, d["test_images"], self.batch_size, fn, stop)
             if test_x is None:
                 return None
             for k in self.shots:

@@ -1,5 +1,6 @@
 """Fault tolerance: bit-exact resume, SIGKILL chaos, SIGTERM, cross-mesh restore, bad checkpoints."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -391,6 +392,26 @@ def test_keep_best_survives_a_resume(tmp_path):
     assert session([(4, 0.3), (5, None)]) == [1, 5]
 
 
+def rows_with(workdir, key):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if key in r]
+
+
+@contextlib.contextmanager
+def sigterm_when_logged(monkeypatch, when):
+    """SIGTERM to this process right after the trainer logs a row for which `when(step, row)`."""
+    append = train._append_jsonl
+
+    def append_then_signal(workdir, step, metrics, is_main):
+        append(workdir, step, metrics, is_main)
+        if when(step, metrics):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "_append_jsonl", append_then_signal)
+        yield
+
+
 @pytest.mark.parametrize(
     "notice_after, saved",
     [(3, 4), (4, 4), (8, 8)],
@@ -402,35 +423,23 @@ def test_preemption_at_an_evaluation_step_saves_first(
     """A SIGTERM after step `notice_after` is logged, in the call that ends on an evaluation step or
     during that step's evaluation, saves at once and leaves the evaluation to the resumed run, which
     runs it before anything else: the evaluations match an uninterrupted run's."""
-    with open(os.path.join(good_workdir, "metrics.jsonl")) as f:
-        (straight,) = [r for r in map(json.loads, f) if "eval/accuracy" in r]  # Step 8, the end.
+    (straight,) = rows_with(good_workdir, "eval/accuracy")  # Step 8, the end.
     workdir = str(tmp_path)
     config = base_config(data_dir, total_steps=8, eval_every=4)
-    append = train._append_jsonl
-
-    def append_then_signal(workdir, step, metrics, is_main):
-        append(workdir, step, metrics, is_main)
-        if step == notice_after and "train/loss" in metrics:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with monkeypatch.context() as m:
-        m.setattr(train, "_append_jsonl", append_then_signal)
-        with pytest.raises(train.Preempted, match=f"saved step {saved} .* evaluates step {saved} first"):
-            train.train_and_evaluate(config, workdir)
+    notice = sigterm_when_logged(monkeypatch, lambda step, row: step == notice_after and "train/loss" in row)
+    with notice, pytest.raises(train.Preempted, match=f"saved step {saved} .* evaluates step {saved} first"):
+        train.train_and_evaluate(config, workdir)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2)
     assert ckpt.latest_step() == saved and ckpt.deferred(saved) == ("eval",)
     ckpt.close()
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        assert all(r["step"] < saved for r in map(json.loads, f) if "eval/accuracy" in r)
+    assert all(r["step"] < saved for r in rows_with(workdir, "eval/accuracy"))
 
     final = train.train_and_evaluate(config, workdir)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        evals = [r for r in map(json.loads, f) if "eval/accuracy" in r]
+    evals = rows_with(workdir, "eval/accuracy")
     assert [r["step"] for r in evals] == [4, 8]
     assert evals[-1] == straight and final == {k: v for k, v in straight.items() if k != "step"}
     train.train_and_evaluate(config, workdir)  # A re-run of the finished workdir reports, adds no rows.
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        assert [r["step"] for r in map(json.loads, f) if "eval/accuracy" in r] == [4, 8]
+    assert [r["step"] for r in rows_with(workdir, "eval/accuracy")] == [4, 8]
 
 
 def test_preemption_during_the_few_shot_probes_keeps_the_evaluation(data_dir, tmp_path, monkeypatch):
@@ -439,23 +448,13 @@ def test_preemption_during_the_few_shot_probes_keeps_the_evaluation(data_dir, tm
     workdir = str(tmp_path)
     probes = {"fewshot.datasets": "digits", "fewshot.shots": "2", "fewshot.num_seeds": 1, "fewshot.every": 4}
     config = base_config(data_dir, total_steps=8, eval_every=4, keep_best=1, **probes)
-    append = train._append_jsonl
-
-    def append_then_signal(workdir, step, metrics, is_main):
-        append(workdir, step, metrics, is_main)
-        if step == 4 and "eval/accuracy" in metrics:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with monkeypatch.context() as m:
-        m.setattr(train, "_append_jsonl", append_then_signal)
-        with pytest.raises(train.Preempted, match="saved step 4 .* evaluates step 4 first"):
-            train.train_and_evaluate(config, workdir)
+    notice = sigterm_when_logged(monkeypatch, lambda step, row: step == 4 and "eval/accuracy" in row)
+    with notice, pytest.raises(train.Preempted, match="saved step 4 .* evaluates step 4 first"):
+        train.train_and_evaluate(config, workdir)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2, keep_best=1)
     assert ckpt.deferred(4) == ("fewshot",) and ckpt.manager.metrics(4)["eval/examples"] == 360
     ckpt.close()
 
     train.train_and_evaluate(config, workdir)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = list(map(json.loads, f))
-    assert [r["step"] for r in rows if "eval/accuracy" in r] == [4, 8]
-    assert [r["step"] for r in rows if "fewshot/digits_2shot" in r] == [4, 8]
+    assert [r["step"] for r in rows_with(workdir, "eval/accuracy")] == [4, 8]
+    assert [r["step"] for r in rows_with(workdir, "fewshot/digits_2shot")] == [4, 8]

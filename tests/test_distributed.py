@@ -205,8 +205,8 @@ def read(path):
     return path.read_text() if path.is_file() else ""
 
 
-def python_processes():
-    """(pid, command line) of this user's processes."""
+def processes():
+    """(pid, command line) of every process this test can see."""
     out = []
     for entry in os.listdir("/proc"):
         try:
@@ -250,7 +250,7 @@ def test_two_processes_match_one(eight_device_run, data_dir, tmp_path):
             first.terminate()  # local.sh stops its processes.
             pytest.fail(f"no training from process 0: {first.communicate(timeout=60)[1][-3000:]}")
         time.sleep(0.05)
-    (process_1,) = [pid for pid, command in python_processes() if workdir in command and "--process_id=1" in command]
+    (process_1,) = [pid for pid, command in processes() if workdir in command and "--process_id=1" in command]
     os.kill(process_1, signal.SIGTERM)
     assert first.wait(timeout=300) == 3, first.stderr.read()[-3000:]
     saved = [int(read(logs / f"process_{i}.log").split("preempted: saved step ")[1].split()[0]) for i in range(2)]
