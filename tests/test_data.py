@@ -139,7 +139,9 @@ def test_eval_counts_every_example_once(data_dir, process_count):
     [
         ("pp_eval", "resize(32)|rgb|value_range(-1,1)|onehot(10)", "'input.pp_eval' makes images of shape (32, 32, 3)"),
         ("pp_train", "resize(16)|value_range(-1,1)|onehot(10)", "images of shape (16, 16, 1)"),
+        ("pp_eval", "resize(16)|rgb|value_range(-1,1)", "'input.pp_eval' ('resize(16)|rgb|value_range(-1,1)') fails"),
         ("pp_eval", "resize(16)|rgb|value_range(-1,1)", "left no ['labels'] field"),
+        ("pp_train", "rgb|central_crop(16)|value_range(-1,1)|onehot(10)", "'input.pp_train' ('rgb|central_crop"),
     ],
 )
 def test_first_examples_must_fit_the_model(key, pp, message, data_dir):
@@ -150,6 +152,14 @@ def test_first_examples_must_fit_the_model(key, pp, message, data_dir):
     c.input[key] = pp
     with pytest.raises(pipeline.DatasetError, match=re.escape(message)):
         pipeline.check_examples(c)
+
+
+@pytest.mark.parametrize("key", ["pp_train", "pp_eval"])
+def test_start_up_check_names_the_preprocessing_key(key, data_dir):
+    c = digits_config(data_dir)
+    c.input[key] = "resize(0)|value_range(-1,1)|onehot(10)"
+    with pytest.raises(preprocess.PreprocessError, match=f"config key 'input.{key}': .*size must be a positive"):
+        pipeline.check(c)
 
 
 def test_missing_dataset_message(tmp_path):

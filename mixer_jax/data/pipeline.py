@@ -129,10 +129,7 @@ def check(config: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
     Raises DatasetError/PreprocessError.
     """
     input_config = config.input
-    parsed = {
-        "pp_train": preprocess.parse(input_config.pp_train),
-        "pp_eval": preprocess.parse(input_config.pp_eval, allow_batch_ops=False),
-    }
+    parsed = {key: _parse(config, key) for key in ("pp_train", "pp_eval")}
     _check_batch_ops(parsed["pp_train"], config.batch_size, process_count)
     for key, pp in parsed.items():
         classes = pp.num_classes
@@ -169,7 +166,10 @@ def _check_fewshot(config: ml_collections.ConfigDict) -> None:
     if not f.datasets:
         return
     if f.pp:
-        preprocess.parse(f.pp, allow_batch_ops=False)
+        try:
+            preprocess.parse(f.pp, allow_batch_ops=False)
+        except preprocess.PreprocessError as e:
+            raise preprocess.PreprocessError(f"config key 'fewshot.pp': {e}") from None
     try:
         datasets = fewshot.parse_datasets(f.datasets)
     except ValueError as e:
@@ -199,8 +199,14 @@ def check_examples(config: ml_collections.ConfigDict) -> None:
     (image_size, image_size, 3) and labels num_classes wide. Needs the dataset prepared."""
     size, classes = config.model.image_size, config.model.num_classes
     for key, split in (("pp_train", config.input.train_split), ("pp_eval", config.input.eval_split)):
-        pp = preprocess.parse(config.input[key], allow_batch_ops=key == "pp_train")
-        example = _select(pp.example_fn(_source(config, split, raw_image=pp.raw_image)[0], np.random.default_rng(0)))
+        pp = _parse(config, key)
+        example = _source(config, split, raw_image=pp.raw_image)[0]
+        try:
+            example = _select(pp.example_fn(example, np.random.default_rng(0)))
+        except ValueError as e:  # An op that cannot take this example, or missing fields.
+            raise DatasetError(
+                f"config key 'input.{key}' ({config.input[key]!r}) fails on the first example of split {split!r}: {e}"
+            ) from None
         image, labels = np.shape(example["image"]), np.shape(example["labels"])
         if image != (size, size, 3):
             raise DatasetError(
@@ -212,6 +218,14 @@ def check_examples(config: ml_collections.ConfigDict) -> None:
                 f"config key 'input.{key}' makes labels of shape {labels}, but config key 'model.num_classes' "
                 f"is {classes}; end it with onehot({classes})."
             )
+
+
+def _parse(config: ml_collections.ConfigDict, key: str) -> preprocess.Preprocess:
+    """Parses config key `input.<key>` (pp_train or pp_eval); its errors name the key."""
+    try:
+        return preprocess.parse(config.input[key], allow_batch_ops=key == "pp_train")
+    except preprocess.PreprocessError as e:
+        raise preprocess.PreprocessError(f"config key 'input.{key}': {e}") from None
 
 
 def _check_batch_ops(pp: preprocess.Preprocess, batch_size: int, process_count: int) -> None:
@@ -253,7 +267,7 @@ def _select(example: dict[str, Any]) -> dict[str, np.ndarray]:
     missing = [k for k in FIELDS if k not in example]
     if missing:
         raise DatasetError(
-            f"preprocessing left no {missing} field(s); end it with ops that produce them, e.g. "
+            f"preprocessing left no {missing} field(s); end the string with ops that produce them, e.g. "
             f"'value_range(-1,1)|onehot(NUM_CLASSES)'. It produced {sorted(example)}."
         )
     return {"image": preprocess.pixels(example["image"]), "labels": example["labels"]}

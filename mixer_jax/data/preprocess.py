@@ -14,7 +14,8 @@ worker thread.
 JPEG's DCT scaling decodes at 1/2, 1/4 or 1/8 of the size when the output is that much smaller.
 Other formats are decoded at once, by OpenCV. Resizing is OpenCV's bilinear with half-pixel
 centres, as `tf.image.resize` in the reference pipelines; a downscale by 2x or more averages areas
-instead, so it does not alias. OpenCV runs one thread per call: the pipeline's threads use the cores.
+instead, so it does not alias. `resize_small` always averages areas, the reference's method there.
+OpenCV runs one thread per call: the pipeline's threads use the cores.
 """
 
 from __future__ import annotations
@@ -172,6 +173,13 @@ def parse(pp: str, *, allow_batch_ops: bool = True) -> Preprocess:
     )
 
 
+def image_ops(pp: str) -> str:
+    """`pp` without its label and batch ops: what it does to an image alone (e.g. an eval string
+    applied to image files that come without labels)."""
+    specs = filter(None, (s.strip() for s in pp.split("|")))
+    return "|".join(s for s in specs if _parse_op(s)[0] not in (*LABEL_OPS, *_BATCH_OPS))
+
+
 def _positive_int(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -244,8 +252,11 @@ def pixels(image: np.ndarray | Encoded) -> np.ndarray:
     return _decode(image) if isinstance(image, Encoded) else image
 
 
-def _crop_resize(image: np.ndarray | Encoded, box: tuple[float, ...], height: int, width: int) -> np.ndarray:
-    """Crops `box` (left, top, right, bottom) and resizes it to height x width.
+def _crop_resize(
+    image: np.ndarray | Encoded, box: tuple[float, ...], height: int, width: int, *, area: bool = False
+) -> np.ndarray:
+    """Crops `box` (left, top, right, bottom) and resizes it to height x width: bilinear, or by area
+    averaging when `area` is set or the crop shrinks by 2x or more.
 
     An `Encoded` JPEG is decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps the box at
     least the output size, so a large image is decoded at a fraction of its size. (The scales in
@@ -263,13 +274,13 @@ def _crop_resize(image: np.ndarray | Encoded, box: tuple[float, ...], height: in
     crop = image[top:bottom, left:right]
     if crop.shape[:2] == (height, width):
         return crop
-    interpolation = cv2.INTER_AREA if shrink >= 2 else cv2.INTER_LINEAR
+    interpolation = cv2.INTER_AREA if area or shrink >= 2 else cv2.INTER_LINEAR
     return _channels_last(cv2.resize(crop, (width, height), interpolation=interpolation))
 
 
-def _resize(image: np.ndarray | Encoded, height: int, width: int) -> np.ndarray:
+def _resize(image: np.ndarray | Encoded, height: int, width: int, *, area: bool = False) -> np.ndarray:
     h, w = _height_width(image)
-    return _crop_resize(image, (0, 0, w, h), height, width)
+    return _crop_resize(image, (0, 0, w, h), height, width, area=area)
 
 
 def _encoded_bytes(value: Any) -> bytes | None:
@@ -307,26 +318,56 @@ def decode(channels: int = 3) -> Op:
     return op
 
 
+def _distorted_box(
+    height: int, width: int, area_range: tuple[float, float], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """A random crop box (left, top, right, bottom) drawn as `tf.image.sample_distorted_bounding_box`
+    draws it with `min_object_covered=0`, as the reference pipelines' `inception_crop` calls it.
+
+    Up to 100 attempts: an aspect ratio (width / height) uniform in [0.75, 1.33], then a height
+    uniform between those of the smallest and the largest allowed area (clipped to the image), and an
+    offset uniform over the positions that keep the box inside (TF's upper bound is exclusive, so a
+    box never touches the bottom or right edge unless it spans the image). All attempts failing, the
+    whole image. Python's `round` is TF's `lrintf` (ties to even).
+    """
+    min_area, max_area = (a * height * width for a in area_range)
+    for _ in range(100):
+        ratio = rng.uniform(0.75, 1.33)
+        h, h_max = round(math.sqrt(min_area / ratio)), round(math.sqrt(max_area / ratio))
+        if round(h_max * ratio) > width:  # The tallest box whose rounded width fits.
+            h_max = int((width + 0.5 - 1e-7) / ratio)
+            if round(h_max * ratio) > width:
+                h_max -= 1
+        h_max = min(h_max, height)
+        h = min(h, h_max)
+        if h < h_max:
+            h += int(rng.integers(h_max - h + 1))
+        w = round(h * ratio)
+        if w * h < min_area:  # Rounding errors: a slightly larger box, then a slightly smaller one.
+            h += 1
+            w = round(h * ratio)
+        if w * h > max_area:
+            h -= 1
+            w = round(h * ratio)
+        if min_area <= w * h <= max_area and 0 < w <= width and 0 < h <= height:
+            y = int(rng.integers(height - h)) if h < height else 0
+            x = int(rng.integers(width - w)) if w < width else 0
+            return x, y, x + w, y + h
+    return 0, 0, width, height
+
+
 @register("inception_crop")
 def inception_crop(size: Any, area_min: float = 5, area_max: float = 100) -> Op:
-    """Random crop of area_min..area_max percent of the image, aspect ratio 3/4..4/3 (Szegedy et al.),
-    resized to size x size (or (height, width)). After 10 failed draws it takes the whole image."""
+    """Random crop of area_min..area_max percent of the image, aspect ratio 0.75..1.33 (Szegedy et
+    al.), drawn as in the reference pipelines (`_distorted_box`), resized to size x size (or
+    (height, width))."""
     h, w = _size(size)
     if not 0 < area_min <= area_max <= 100:
         raise ValueError(f"inception_crop needs 0 < area_min <= area_max <= 100 (percent), got {area_min}, {area_max}")
-    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+    area_range = (area_min / 100, area_max / 100)
 
     def op(ex, rng):
-        height, width = _height_width(ex["image"])
-        box = (0, 0, width, height)
-        for _ in range(10):
-            area = height * width * rng.uniform(area_min, area_max) / 100
-            ratio = math.exp(rng.uniform(*log_ratio))
-            cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-            if 0 < cw <= width and 0 < ch <= height:
-                x, y = int(rng.integers(0, width - cw + 1)), int(rng.integers(0, height - ch + 1))
-                box = (x, y, x + cw, y + ch)
-                break
+        box = _distorted_box(*_height_width(ex["image"]), area_range, rng)
         return ex | {"image": _crop_resize(ex["image"], box, h, w)}
 
     return op
@@ -345,13 +386,15 @@ def resize(size: Any) -> Op:
 
 @register("resize_small")
 def resize_small(size: int) -> Op:
-    """Bilinear resize so that the shorter side is `size`, keeping the aspect ratio."""
+    """Resize so that the shorter side is `size`, keeping the aspect ratio, by area averaging: the
+    reference pipelines' `resize_small` (`tf.image.resize`'s "area" method)."""
     _positive_int("size", size)
 
     def op(ex, rng):
         height, width = _height_width(ex["image"])
         scale = size / min(height, width)
-        return ex | {"image": _resize(ex["image"], max(1, round(height * scale)), max(1, round(width * scale)))}
+        new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+        return ex | {"image": _resize(ex["image"], new_height, new_width, area=True)}
 
     return op
 

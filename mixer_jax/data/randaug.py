@@ -2,9 +2,9 @@
 
 The op list, the magnitude scale and the argument ranges follow the reference TPU implementation
 that the ViT and Mixer recipes were tuned with: magnitude 10 is the nominal maximum
-(`MAX_LEVEL`), and the recipes use 15 and 20, beyond it. Each chosen op is applied with a
-probability drawn from U(0.2, 0.8); signed arguments (rotation, shear, translation) are negated
-with probability 1/2; geometric ops fill with gray (128). All randomness comes from the given
+(`MAX_LEVEL`), and the recipes use 15 and 20, beyond it. Each chosen op is applied: the reference
+draws a probability from U(0.2, 0.8) for it but never uses it. Signed arguments (rotation, shear,
+translation) are negated with probability 1/2; geometric ops fill with gray (128). All randomness comes from the given
 `numpy.random.Generator`, so an augmented image is a pure function of the example's rng.
 """
 
@@ -73,12 +73,10 @@ NAMES = tuple(OPS)
 
 
 def randaugment(image: np.ndarray, num_layers: int, magnitude: float, rng: np.random.Generator) -> np.ndarray:
-    """Applies `num_layers` ops drawn uniformly from `OPS`, each with probability U(0.2, 0.8)."""
+    """Applies `num_layers` ops, each drawn uniformly from `OPS` (with repetition)."""
     gray = image.ndim == 3 and image.shape[-1] == 1
     pil = Image.fromarray(np.repeat(image, 3, axis=-1) if gray else image)
     for _ in range(num_layers):
-        name = NAMES[int(rng.integers(len(NAMES)))]
-        if rng.random() < rng.uniform(0.2, 0.8):
-            pil = OPS[name](pil, magnitude, rng)
+        pil = OPS[NAMES[int(rng.integers(len(NAMES)))]](pil, magnitude, rng)
     out = np.asarray(pil)
     return out[..., :1] if gray else out
