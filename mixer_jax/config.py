@@ -11,6 +11,7 @@ import difflib
 import functools
 import math
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -41,7 +42,7 @@ def defaults() -> ml_collections.ConfigDict:
     # Lowered to divide log_every, eval_every, checkpoint_every and fewshot.every (train.steps_per_call).
     c.steps_per_call = 1
     c.lr = 1e-3
-    c.wd = 1e-4  # Decoupled weight decay (AdamW), on the parameters matched by optim.wd_regex.
+    c.wd = 1e-4  # Decoupled weight decay (times the learning rate), on the parameters matched by optim.wd_regex.
     c.warmup_steps = 100
     c.schedule = "cosine"
     c.lr_end = 0.0  # Final learning rate, as a fraction of lr.
@@ -220,8 +221,13 @@ def mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     return sizes
 
 
-def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1) -> None:
-    """Every check that can run before compiling or reading data. Raises ConfigError."""
+def validate(
+    config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1, resuming: bool = False
+) -> None:
+    """Every check that can run before compiling or reading data. Raises ConfigError.
+
+    `resuming`: the workdir has a checkpoint, which the run restores instead of reading `init.path`.
+    """
     check_schema(config)
     _require(config.total_steps > 0, f"config key 'total_steps' is {config.total_steps}; it must be > 0.")
     _require(0 <= config.seed < 2**32, f"config key 'seed' is {config.seed}; it must lie in [0, 2**32).")
@@ -229,7 +235,18 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
         config.lr >= 0 and math.isfinite(config.lr),
         f"config key 'lr' is {config.lr}; the learning rate must be a finite number >= 0.",
     )
-    _require(config.wd >= 0, f"config key 'wd' is {config.wd}; weight decay must be >= 0.")
+    _require(
+        config.wd >= 0 and math.isfinite(config.wd),
+        f"config key 'wd' is {config.wd}; weight decay must be a finite number >= 0.",
+    )
+    o = config.optim
+    for key in ("b1", "b2", "momentum"):
+        _require(0 <= o[key] < 1, f"config key 'optim.{key}' is {o[key]}; it must lie in [0, 1).")
+    _require(o.eps > 0, f"config key 'optim.eps' is {o.eps}; it must be > 0.")
+    try:
+        re.compile(o.wd_regex)
+    except re.error as e:
+        raise ConfigError(f"config key 'optim.wd_regex' is {o.wd_regex!r}, not a regular expression: {e}.") from None
     _require(
         0 <= config.warmup_steps <= config.total_steps,
         f"config key 'warmup_steps' is {config.warmup_steps}; it must lie in [0, total_steps={config.total_steps}].",
@@ -307,7 +324,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
         f"it names the weights pretrained at that size.",
     )
     _require(
-        not config.init.path or os.path.exists(config.init.path),
+        not config.init.path or resuming or os.path.exists(config.init.path),
         f"config key 'init.path' is {config.init.path!r}, which does not exist; give an .npz, .safetensors or "
         f".pth file, or a workdir or checkpoint directory.",
     )

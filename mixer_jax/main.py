@@ -123,6 +123,13 @@ class _QuietLibraries(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "/mixer_jax/" in record.pathname
 
 
+def has_checkpoint(workdir: str) -> bool:
+    """Whether `workdir` holds a finished checkpoint (WORKDIR/checkpoints/STEP) to resume from.
+    Unfinished ones are Orbax's temporary directories, whose names are not bare step numbers."""
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def main(argv: list[str]) -> None:
     for handler in std_logging.root.handlers:  # absl's, or one a library installed before it.
         handler.addFilter(_QuietLibraries())
@@ -137,7 +144,12 @@ def main(argv: list[str]) -> None:
 
     config = _CONFIG.value
     try:
-        config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+        config_lib.validate(
+            config,
+            num_devices=jax.device_count(),
+            num_processes=jax.process_count(),
+            resuming=has_checkpoint(_WORKDIR.value),
+        )
         pipeline.check(config, process_count=jax.process_count())
     except (config_lib.ConfigError, pipeline.DatasetError, preprocess.PreprocessError) as e:
         _fail(str(e))

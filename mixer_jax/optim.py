@@ -1,9 +1,10 @@
 """Optax optimizers and learning-rate schedules from the config.
 
-The chain is: global-norm clipping -> AdamW (decoupled weight decay on the parameters whose
-"/"-joined name matches `optim.wd_regex`; optax scales the decay by the learning rate) or SGD with
-momentum. The schedule warms up linearly from 0 to `lr` over `warmup_steps`, then decays to
-`lr * lr_end` at `total_steps` by a cosine or a line, or stays constant.
+The chain is: global-norm clipping -> AdamW or SGD with momentum. Both decay the weights whose
+"/"-joined name matches `optim.wd_regex` decoupled from the gradient (Loshchilov & Hutter): the
+decay joins the update after Adam's moments or the momentum, and is scaled by the learning rate.
+The schedule warms up linearly from 0 to `lr` over `warmup_steps`, then decays to `lr * lr_end` at
+`total_steps` by a cosine or a line, or stays constant.
 """
 
 from __future__ import annotations
@@ -57,12 +58,13 @@ def make(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformatio
             mu_dtype=state_dtype,
             mask=lambda params: regex_mask(params, o.wd_regex),
         )
-    else:
+    else:  # optax.sgd, with the decay between the momentum and the learning rate, as in AdamW.
         core = optax.chain(
+            optax.trace(decay=o.momentum, accumulator_dtype=state_dtype) if o.momentum else optax.identity(),
             optax.add_decayed_weights(config.wd, mask=lambda params: regex_mask(params, o.wd_regex))
             if config.wd
             else optax.identity(),
-            optax.sgd(sched, momentum=o.momentum or None, accumulator_dtype=state_dtype),
+            optax.scale_by_learning_rate(sched),
         )
     if config.grad_clip_norm > 0:
         core = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), core)

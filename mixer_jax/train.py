@@ -191,14 +191,15 @@ def make_train_step(
             micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1), batch)
             micro = jax.lax.with_sharding_constraint(micro, sharding.stacked_batch_sharding(mesh))
 
-            def body(carry, xs):
+            def body(carry, xs):  # Sums in float32, whatever the parameter dtype.
                 i, mb = xs
                 grads, loss = grads_and_loss(state.params, mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, (grads, loss)), None
+                return jax.tree.map(lambda c, x: c + x.astype(jnp.float32), carry, (grads, loss)), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32))
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (state.params, jnp.zeros(())))
             (grads, loss), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
-            grads, loss = jax.tree.map(lambda x: x / accum, (grads, loss))
+            grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grads, state.params)
+            loss = loss / accum
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads), "train/lr": lr_schedule(state.step)}

@@ -4,11 +4,16 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+import optax
 import pytest
 from conftest import REPO, load_config
 
 from mixer_jax import config as config_lib
+from mixer_jax import optim
 
 DIGITS = "configs/digits.py"
 
@@ -53,6 +58,8 @@ BAD = [
     (["--config.seed=-1"], ["'seed' is -1", "[0, 2**32)"]),
     (["--config.fewshot.datasets=cifar10"], ["dataset 'cifar10' is not prepared"]),
     (["--config.fewshot.datasets=digits:train:validation"], ["'digits' has no split 'validation'"]),
+    (["--config.optim.b2=1.0"], ["'optim.b2' is 1.0", "[0, 1)"]),
+    (["--config.optim.wd_regex=["], ["'optim.wd_regex' is '['", "not a regular expression"]),
     (["--num_processes=2", "--process_id=1"], ["--num_processes and --process_id", "need --coordinator_address"]),
 ]
 
@@ -111,6 +118,37 @@ def test_validate_in_process():
     c.model = ml_collections.ConfigDict(c.model.to_dict() | {"gelu_approximate": 1})  # Not a bool.
     with pytest.raises(config_lib.ConfigError, match="'model.gelu_approximate' has value 1 of type int"):
         config_lib.validate(c, num_devices=8)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_weight_decay_is_decoupled(name):
+    """Zero gradients: each step shrinks the masked weights by lr x wd, whatever the momentum."""
+    c = config_lib.defaults()
+    c.optim.name, c.lr, c.wd, c.warmup_steps, c.schedule, c.grad_clip_norm = name, 0.1, 0.1, 0, "constant", 0.0
+    tx, _ = optim.make(c)
+    params = {"Dense_0": {"kernel": jnp.ones(3), "bias": jnp.ones(3)}}
+    state = tx.init(params)
+    for _ in range(50):
+        updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(params["Dense_0"]["kernel"], 0.99**50, rtol=1e-5)
+    np.testing.assert_array_equal(params["Dense_0"]["bias"], 1.0)  # Not matched by optim.wd_regex.
+
+
+def test_a_resume_does_not_need_init_path(tmp_path):
+    """The workdir's checkpoint replaces init.path, which may be gone by then."""
+    from mixer_jax import main
+
+    c = config_lib.defaults()
+    c.init.path = str(tmp_path / "moved.npz")
+    with pytest.raises(config_lib.ConfigError, match="'init.path' is .*moved.npz', which does not exist"):
+        config_lib.validate(c, num_devices=8)
+    config_lib.validate(c, num_devices=8, resuming=True)
+    assert not main.has_checkpoint(str(tmp_path))
+    os.makedirs(tmp_path / "checkpoints" / "12.orbax-checkpoint-tmp-1733")  # A save that did not finish.
+    assert not main.has_checkpoint(str(tmp_path))
+    os.makedirs(tmp_path / "checkpoints" / "8")
+    assert main.has_checkpoint(str(tmp_path))
 
 
 def test_mesh_shape():

@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO, digits_config
@@ -101,7 +102,7 @@ def test_declared_shardings(mesh, channel_in, token_in, head, data_dir):
     init_state, shardings = train.sharded_init(train.create_model(c), tx, m)
     state = init_state(jax.random.key(0))
     block = state.params["MixerBlock_0"]
-    mu = state.opt_state[1][1][0].trace["MixerBlock_0"]  # clip -> (decay, sgd momentum) chain.
+    mu = state.opt_state[1][0].trace["MixerBlock_0"]  # clip -> (momentum, decay, learning rate) chain.
     for tree in (block, mu):
         assert tree["channel_mixing"]["Dense_0"]["kernel"].addressable_shards[0].data.shape == channel_in
         assert tree["token_mixing"]["Dense_0"]["kernel"].addressable_shards[0].data.shape == token_in
@@ -109,7 +110,7 @@ def test_declared_shardings(mesh, channel_in, token_in, head, data_dir):
     if mesh == (1, 8, 1):
         assert shardings.params["MixerBlock_0"]["channel_mixing"]["Dense_0"]["kernel"].spec == P("fsdp", "tensor")
         # Every weight of more than one dimension is split: nothing is whole on one device.
-        for x in jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state[1][1][0].trace):
+        for x in jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state[1][0].trace):
             if x.ndim > 1:
                 assert x.addressable_shards[0].data.size == x.size // 8
 
@@ -126,14 +127,8 @@ def collective_sizes(hlo: str) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("mesh", [(8, 1, 1), (1, 8, 1), (2, 4, 1)])
-def test_batch_parallel_steps_move_only_weights(mesh, data_dir, monkeypatch):
-    """Data parallel and FSDP: the step that GPUs and TPUs compile moves weights and gradients
-    only, never activations. (Merging the tokens and the sharded batch into matmul rows made XLA
-    gather whole activations: 2 all-gathers per block in data parallel, activation-sized all-reduces
-    in FSDP.) The model is built as for a GPU; XLA's partitioner is the same on every backend."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    c = small_config(data_dir, **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
+def abstract_train_step(c):
+    """(the jitted train step of config `c`, its abstract sharded state, an abstract one-step batch)."""
     m = sharding.make_mesh(c.mesh)
     model = train.create_model(c)
     tx, schedule = optim.make(c)
@@ -144,7 +139,19 @@ def test_batch_parallel_steps_move_only_weights(mesh, data_dir, monkeypatch):
         "image": jax.ShapeDtypeStruct((1, c.batch_size, 16, 16, 3), np.uint8, sharding=stacked),
         "labels": jax.ShapeDtypeStruct((1, c.batch_size, 10), np.float32, sharding=stacked),
     }
-    hlo = train.make_train_step(c, model, tx, schedule, m, shardings).lower(state, batch).compile().as_text()
+    return train.make_train_step(c, model, tx, schedule, m, shardings), state, batch
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (1, 8, 1), (2, 4, 1)])
+def test_batch_parallel_steps_move_only_weights(mesh, data_dir, monkeypatch):
+    """Data parallel and FSDP: the step that GPUs and TPUs compile moves weights and gradients
+    only, never activations. (Merging the tokens and the sharded batch into matmul rows made XLA
+    gather whole activations: 2 all-gathers per block in data parallel, activation-sized all-reduces
+    in FSDP.) The model is built as for a GPU; XLA's partitioner is the same on every backend."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    c = small_config(data_dir, **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
+    step, state, batch = abstract_train_step(c)
+    hlo = step.lower(state, batch).compile().as_text()
     largest_weight = max(x.size for x in jax.tree.leaves(state.params))  # 32 x 128; activations: 16 x 32 x 32 and up.
     sizes = collective_sizes(hlo)
     assert sizes and max(sizes) <= largest_weight, sorted(sizes)[-5:]
@@ -164,6 +171,29 @@ def test_gradient_accumulation_matches_large_batch(data_dir, tmp_path):
     train.train_and_evaluate(c, str(tmp_path / "accum"))
     np.testing.assert_allclose(losses(tmp_path / "accum"), losses(tmp_path / "large"), rtol=1e-5)
     assert_trees_close(params(tmp_path / "accum"), params(tmp_path / "large"))
+
+
+def test_gradient_accumulation_sums_in_float32(data_dir):
+    """bfloat16 parameters: the microbatch gradients are summed in float32 (the scan's carry), and the
+    update sees their mean in the parameters' dtype."""
+    c = small_config(data_dir, batch_size=64, accum_steps=4, **{"mesh.data": 8, "model.param_dtype": "bfloat16"})
+    step, state, batch = abstract_train_step(c)
+    jaxpr = step.trace(state, batch).jaxpr
+
+    def scan_carries(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                start = eqn.params["num_consts"]
+                yield eqn.params["jaxpr"].in_avals[start : start + eqn.params["num_carry"]]
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+                        yield from scan_carries(getattr(sub, "jaxpr", sub))
+
+    (carry,) = list(scan_carries(jaxpr.jaxpr))
+    assert len(carry) == len(jax.tree.leaves(state.params)) + 1  # The gradients and the loss.
+    assert {a.dtype for a in carry} == {np.dtype(np.float32)}
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
 
 
 def rows_of(processes, rows_per_device):
@@ -323,7 +353,7 @@ def test_bfloat16_compute_trains(eight_device_run, data_dir, tmp_path):
     np.testing.assert_allclose(losses(tmp_path), losses(eight_device_run)[:5], rtol=2e-2)
     state = checkpointing.load_state_numpy(os.path.join(tmp_path, "checkpoints"))[1]
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(state["params"]))
-    assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(state["opt_state"][1][1][0]["trace"]))
+    assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(state["opt_state"][1][0]["trace"]))
 
 
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2)])
