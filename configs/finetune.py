@@ -7,9 +7,10 @@ Arguments (comma-separated KEY=VALUE): dataset (imagenet2012, cifar10, cifar100,
 oxford_flowers102, digits, or any TFDS image classification dataset with classes=N: VTAB-style,
 2,500 steps), variant (default B/16), res (fine-tuning image size, default 224; digits 32), lr
 (one of 0.003, 0.01, 0.03, 0.06; default 0.03, digits 0.06), init (an official .npz, timm .safetensors/.pth,
-or a workdir/checkpoint), pretrain_res (the pretraining image size, default 224; digits 16): when
-res = K x pretrain_res, the token-mixing MLPs are widened to K²·D_S and initialised block-diagonally
-(paper Appendix C), steps (override the dataset's step count).
+or a workdir/checkpoint), pretrain_res (the original pretraining image size, also for weights
+already fine-tuned at a larger one; default 224; digits 16): when res = K x pretrain_res, the
+token-mixing MLPs are widened to K²·D_S and initialised block-diagonally where the weights are
+narrower (paper Appendix C), steps (override the dataset's step count).
 
 Recipe: SGD with momentum 0.9, batch 512, cosine schedule with linear warmup, global-norm
 clipping at 1, no weight decay, a new zero-initialised head; steps ImageNet 20k, CIFAR 10k,

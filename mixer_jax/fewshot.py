@@ -248,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", required=True, help=".npz, .safetensors, .pth, workdir or checkpoint")
     parser.add_argument("--variant", default=None, help="e.g. B/16; checked against the weights if given")
     parser.add_argument("--image_size", type=int, default=None, help="default: the weights' own")
+    parser.add_argument(
+        "--gelu_exact", action="store_true", help="exact GELU (timm-trained weights; a checkpoint's saved config says)"
+    )
     parser.add_argument("--dataset", default="digits", help="comma-separated NAME or NAME:TRAIN_SPLIT:TEST_SPLIT")
     parser.add_argument("--data_dir", default="")
     parser.add_argument("--shots", default=",".join(map(str, DEFAULT_SHOTS)))
@@ -257,9 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max_test_examples", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        flat = weights.read(args.weights)
-        model = weights.model_for(flat, args.variant, image_size=args.image_size)
-        params = weights.convert(flat, model, source=args.weights)
+        model, params = weights.load_model(
+            args.weights, args.variant, image_size=args.image_size, gelu_exact=args.gelu_exact, need_head=False
+        )
         evaluator = Evaluator(
             args.dataset,
             image_size=model.image_size,

@@ -3,13 +3,17 @@
 python -m mixer_jax.predict --weights=PATH [--variant=B/16] [--image_size=224] [--labels=imagenet2012|FILE|TFDS_NAME]
     [--data_dir=DIR] IMAGE...
 
-Any JPEG or PNG of any size: the shorter side is resized (bicubic) to image_size / crop_fraction,
-the centre image_size x image_size is cropped, and pixels are scaled to [-1, 1].
+Any JPEG or PNG of any size. A checkpoint of this trainer preprocesses the files as its run
+evaluated (its saved `input.pp_eval`, label ops aside), so its predictions are those of its
+evaluation. Weights files, a checkpoint at another --image_size, or --crop_fraction: the shorter
+side is resized (bicubic) to image_size / crop_fraction, the centre image_size x image_size is
+cropped, and pixels are scaled to [-1, 1].
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Sequence
@@ -20,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from mixer_jax import models
+from mixer_jax.data import preprocess
 
 CROP_FRACTION = 0.875  # timm's crop_pct for the released Mixer weights.
 
@@ -39,6 +44,21 @@ def load_image(path: str, image_size: int, crop_fraction: float = CROP_FRACTION)
         left, top = (im.width - image_size) // 2, (im.height - image_size) // 2
         im = im.crop((left, top, left + image_size, top + image_size))
         return np.asarray(im, np.float32) / 127.5 - 1.0
+
+
+def load_image_as_evaluated(path: str, pp_eval: str, image_size: int) -> np.ndarray:
+    """(image_size, image_size, 3) float32: the file through a run's eval preprocessing `pp_eval`."""
+    ops = preprocess.parse(preprocess.image_ops(pp_eval), allow_batch_ops=False)
+    with open(path, "rb") as f:
+        data = f.read()
+    image = data if ops.raw_image else np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    out = np.asarray(ops({"image": image}, np.random.default_rng(0))["image"], np.float32)
+    if out.shape != (image_size, image_size, 3):
+        raise ValueError(
+            f"the checkpoint's input.pp_eval {pp_eval!r} makes {out.shape} of {path}, but the model takes "
+            f"({image_size}, {image_size}, 3); pass --crop_fraction to resize and crop instead"
+        )
+    return out
 
 
 def label_names(labels: str, num_classes: int, data_dir: str = "") -> list[str]:
@@ -98,24 +118,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--labels", default="", help="imagenet2012, a file (one name per line) or a TFDS dataset")
     parser.add_argument("--data_dir", default="", help="TFDS data_dir for --labels=TFDS_NAME")
     parser.add_argument("--top", type=int, default=5)
-    parser.add_argument("--crop_fraction", type=float, default=CROP_FRACTION)
+    parser.add_argument(
+        "--crop_fraction",
+        type=float,
+        default=None,
+        help=f"resize the shorter side to image_size / this, centre crop (default {CROP_FRACTION}, timm's; "
+        "a checkpoint of this trainer: its eval preprocessing)",
+    )
     parser.add_argument(
         "--gelu_exact", action="store_true", help="exact GELU (timm-trained weights; a checkpoint's saved config says)"
     )
     parser.add_argument("images", nargs="+")
     args = parser.parse_args(argv)
-    if not 0 < args.crop_fraction <= 1:
+    if args.crop_fraction is not None and not 0 < args.crop_fraction <= 1:
         parser.error(f"--crop_fraction={args.crop_fraction} must lie in (0, 1]; timm's is {CROP_FRACTION}")
     if args.top < 1:
         parser.error(f"--top={args.top} must be at least 1")
     try:
-        flat = weights.read(args.weights)
-        # A checkpoint of this trainer knows its GELU; weights files do not (official: tanh).
-        approximate = not args.gelu_exact and weights.saved_model_config(args.weights).get("gelu_approximate", True)
-        model = weights.model_for(flat, args.variant, image_size=args.image_size, gelu_approximate=approximate)
-        params = weights.convert(flat, model, source=args.weights)
+        model, params = weights.load_model(
+            args.weights, args.variant, image_size=args.image_size, gelu_exact=args.gelu_exact
+        )
         names = label_names(args.labels, model.num_classes, args.data_dir)
-        images = np.stack([load_image(p, model.image_size, args.crop_fraction) for p in args.images])
+        saved = weights.saved_config(args.weights)
+        pp_eval = saved.get("input", {}).get("pp_eval", "")
+        if args.crop_fraction is None and pp_eval and saved["model"].get("image_size") == model.image_size:
+            images = np.stack([load_image_as_evaluated(p, pp_eval, model.image_size) for p in args.images])
+        else:
+            crop = args.crop_fraction or CROP_FRACTION
+            images = np.stack([load_image(p, model.image_size, crop) for p in args.images])
     except (weights.WeightsError, LabelsError, OSError, ValueError) as e:  # ValueError: e.g. --variant=X/4.
         print(f"mixer_jax.predict: error: {e}", file=sys.stderr)
         return 2

@@ -280,6 +280,12 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
 def saved_model_config(path: str) -> dict[str, Any]:
     """The `model` config saved with the Orbax checkpoint at `path` (as `read` takes it); {} for a
     weights file or a checkpoint without a readable config."""
+    return dict(saved_config(path).get("model", {}))
+
+
+def saved_config(path: str) -> dict[str, Any]:
+    """The whole config saved with the Orbax checkpoint at `path` (as `read` takes it), as a dict;
+    {} for a weights file or a checkpoint without a readable config."""
     if not os.path.isdir(path):
         return {}
     from mixer_jax import checkpointing
@@ -290,7 +296,7 @@ def saved_model_config(path: str) -> dict[str, Any]:
     ckpt = checkpointing.Checkpointer(directory, keep=1, read_only=True)
     try:
         step = ckpt.latest_step() if step is None else step
-        return dict(ckpt.saved_config(step).get("model", {})) if step is not None else {}
+        return dict(ckpt.saved_config(step)) if step is not None else {}
     except checkpointing.CheckpointError:
         return {}
     finally:
@@ -354,6 +360,11 @@ def convert(
             f"{source} does not fit the model ({_num_blocks(flat)} blocks stored, the model has "
             f"{model.num_blocks}): {_listing('missing key', missing)}; {_listing('unexpected key', unexpected)}"
         )
+    if flat["stem/kernel"].shape != target["stem/kernel"]:  # Another patch or width: nothing else can fit.
+        raise WeightsError(
+            f"stem/kernel has shape {flat['stem/kernel'].shape} in {source}, but the model expects "
+            f"{target['stem/kernel']} (patch x patch x 3 x hidden width): the weights are of another variant"
+        )
     out = dict(flat)
     for i in range(model.num_blocks):
         block = f"MixerBlock_{i}/"
@@ -367,6 +378,8 @@ def convert(
             out[key] = np.zeros(shape)
         elif out[key].shape != shape:
             hint = ""
+            if key.endswith(_TOKEN_KERNEL) and out[key].shape[0] == shape[0]:
+                hint = f": {_WIDENED_HINT.format(stored=out[key].shape[1], wanted=shape[1])}"
             if key in HEAD_KEYS and out[key].shape[:-1] == shape[:-1]:
                 hint = (
                     f": the stored head has {out[key].shape[-1]} classes and the model "
@@ -376,6 +389,13 @@ def convert(
     dtype = jnp.dtype(model.param_dtype)
     out = {k: np.asarray(out[k], dtype) for k in target}
     return unflatten(out, scan_blocks=model.scan_blocks)
+
+
+_WIDENED_HINT = (
+    "create the model with tokens_mlp_dim={stored} (not {wanted}; weights.finetune_overrides). In a config, "
+    "model.pretrain_image_size gives it: set it to the resolution of the original pretraining, where the token "
+    "MLP has the variant's width, also for weights already fine-tuned at a higher resolution"
+)
 
 
 def _block_tensors(flat: Mapping[str, np.ndarray], block: str) -> dict[str, np.ndarray]:
@@ -404,8 +424,8 @@ def _appendix_c_factor(
         raise WeightsError(
             f"{key} has shape {stored} in {source}, but the model expects {wanted}: the model's token MLP was "
             f"not widened. Growing {grid}x{grid} to {new_grid}x{new_grid} tokens (K={k}, paper Appendix C) needs "
-            f"tokens_mlp_dim = K²·D_S = {k * k * mlp_dim}, but the model has tokens_mlp_dim={new_mlp_dim}; create "
-            f"it with tokens_mlp_dim={k * k * mlp_dim} (weights.finetune_overrides, config model.pretrain_image_size)"
+            f"tokens_mlp_dim = K²·D_S = {k * k * mlp_dim}, but the model has tokens_mlp_dim={new_mlp_dim}; "
+            + _WIDENED_HINT.format(stored=k * k * mlp_dim, wanted=new_mlp_dim)
         )
     return k, grid
 
@@ -463,12 +483,13 @@ def finetune_overrides(variant: str, image_size: int, pretrain_image_size: int) 
 
 
 def architecture(flat: Mapping[str, np.ndarray]) -> dict[str, int]:
-    """The Mixer fields that stored weights fix: patch, widths, depth, classes and image size."""
+    """The Mixer fields that stored weights fix: patch, widths, depth, classes (0 without a head, as
+    timm's num_classes=0 export) and image size."""
     try:
         patch, _, _, hidden = flat["stem/kernel"].shape
         tokens, tokens_mlp_dim = flat["MixerBlock_0/token_mixing/Dense_0/kernel"].shape
         channels_mlp_dim = flat["MixerBlock_0/channel_mixing/Dense_0/kernel"].shape[1]
-        num_classes = flat["head/kernel"].shape[1]
+        num_classes = flat["head/kernel"].shape[1] if "head/kernel" in flat else 0
     except (KeyError, ValueError, IndexError) as e:
         raise WeightsError(f"the weights are not an MLP-Mixer's (no or odd {e})") from None
     return dict(
@@ -488,6 +509,7 @@ def model_for(
     """A model that the stored weights fit, at `image_size` (default: theirs; larger by Appendix C).
 
     `variant`, if given, must agree with the stored architecture (its token MLP may be widened).
+    Weights without a head get a model with one class, unless `num_classes` is given.
     """
     arch = architecture(flat)
     if variant:
@@ -508,11 +530,34 @@ def model_for(
         fields["tokens_mlp_dim"] *= k * k
     return models.create(
         variant or f"B/{arch['patch_size']}",
-        num_classes=options.pop("num_classes", arch["num_classes"]),
+        num_classes=options.pop("num_classes", arch["num_classes"] or 1),
         image_size=image_size,
         **fields,
         **options,
     )
+
+
+def load_model(
+    path: str,
+    variant: str | None = None,
+    *,
+    image_size: int | None = None,
+    gelu_exact: bool = False,
+    need_head: bool = True,
+) -> tuple[models.MlpMixer, dict[str, Any]]:
+    """The model that the weights at `path` fit (`model_for`) and their params: what the tools load.
+
+    Its GELU is the one a checkpoint of this trainer was trained with (its saved config), else the
+    tanh form of the official release, unless `gelu_exact` (timm's weights). Weights without a head
+    get a zero one-class head where `need_head` is False (pre-logits suffice), else are an error.
+    """
+    flat = read(path)
+    headless = "head/kernel" not in flat
+    if headless and need_head:
+        raise WeightsError(f"{path} has no head (an export with num_classes=0), and classifying needs one")
+    approximate = not gelu_exact and saved_model_config(path).get("gelu_approximate", True)
+    model = model_for(flat, variant, image_size=image_size, gelu_approximate=approximate)
+    return model, convert(flat, model, new_head=headless, source=os.fspath(path))
 
 
 # ---------------------------------------------------------------------------------------------

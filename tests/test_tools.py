@@ -9,9 +9,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import load_config
 from PIL import Image
 
 from mixer_jax import predict, visualize
+from mixer_jax.data import pipeline, preprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,6 +102,26 @@ def test_predict_takes_the_checkpoints_gelu_and_checks_its_arguments(workdir, im
     with pytest.raises(SystemExit):
         predict.main([f"--weights={workdir}", "--crop_fraction=0", images[0]])
     assert "--crop_fraction=0.0 must lie in (0, 1]" in capsys.readouterr().err
+
+
+def test_predict_preprocesses_as_the_run_evaluated(workdir, data_dir, tmp_path, monkeypatch):
+    """A checkpoint's image files go through its saved input.pp_eval: digits test images saved as PNGs
+    reach the model exactly as its evaluation's inputs. --crop_fraction asks for resize and crop."""
+    config = load_config("digits")
+    config.input.data_dir = data_dir
+    pp = preprocess.parse(config.input.pp_eval, allow_batch_ops=False)
+    source, paths, expected = pipeline._source(config, "test"), [], []
+    for i in range(3):
+        example = source[i]
+        paths.append(str(tmp_path / f"digit{i}.png"))
+        Image.fromarray(example["image"][..., 0], mode="L").save(paths[-1])
+        expected.append(pp(dict(example), None)["image"])
+    seen = []
+    monkeypatch.setattr(predict, "predict", lambda p, model, batch: seen.append(batch) or np.ones((len(batch), 10)))
+    assert predict.main([f"--weights={workdir}", *paths]) == 0
+    np.testing.assert_array_equal(seen[0], np.stack(expected))
+    assert predict.main([f"--weights={workdir}", "--crop_fraction=0.875", *paths]) == 0
+    assert seen[1].shape == seen[0].shape and not np.array_equal(seen[1], seen[0])
 
 
 def test_predict_command_line(workdir, images):

@@ -16,7 +16,7 @@ import reference
 from conftest import final_accuracy
 from test_config import run_main
 
-from mixer_jax import models, weights
+from mixer_jax import models, visualize, weights
 
 
 def random_flat(model, seed=0):
@@ -195,6 +195,32 @@ def test_token_mlp_not_widened_is_an_error(ti_npz):
         assert part in message, message
 
 
+def test_widened_weights_name_the_width_they_need(ti_npz, tmp_path):
+    """Weights already fine-tuned at 2x (token MLP 4 x 64 wide) into an unwidened model at their own
+    size, or into one widened for 2x more: the message gives the tokens_mlp_dim that fits."""
+    widened = str(tmp_path / "ti4_32.npz")
+    wide_model = models.create("Ti/4", num_classes=10, image_size=32, tokens_mlp_dim=256)
+    weights.save(weights.load(ti_npz, wide_model), widened)
+    message = load_error(widened, models.create("Ti/4", num_classes=10, image_size=32))
+    assert "(64, 256)" in message and "tokens_mlp_dim=256 (not 64" in message, message
+    assert "original pretraining" in message, message
+    message = load_error(widened, models.create("Ti/4", num_classes=10, image_size=64, tokens_mlp_dim=256))
+    assert "tokens_mlp_dim=1024 (not 256" in message, message
+    # model.pretrain_image_size at the original 16 px gives those widths: 4 x 64 at 32, 16 x 64 at 64.
+    for size in (32, 64):
+        overrides = weights.finetune_overrides("Ti/4", size, 16)
+        weights.load(widened, models.create("Ti/4", num_classes=10, image_size=size, **overrides))
+
+
+def test_another_patch_size_is_named_first(tmp_path):
+    """Mu/8 weights into Mu/4 at the same token count: the stem, not Appendix C, is the problem."""
+    path = str(tmp_path / "mu8.npz")
+    np.savez(path, **random_flat(models.create("Mu/8", num_classes=10, image_size=32)))
+    message = load_error(path, models.create("Mu/4", num_classes=10, image_size=32))
+    assert "stem/kernel has shape (8, 8, 3, 32)" in message and "another variant" in message, message
+    assert "tokens_mlp_dim" not in message, message
+
+
 def test_non_integer_side_ratio_is_an_error(ti_npz):
     message = load_error(ti_npz, models.create("Ti/4", num_classes=10, image_size=24))
     for part in ("MixerBlock_0/token_mixing/Dense_0/kernel", "(16, 64)", "(36, 64)", "6/4 = 1.5 is not an integer"):
@@ -260,6 +286,14 @@ def test_headless_weights_take_a_new_head(ti_npz, tmp_path):
         loaded = weights.flatten(weights.load(path, model, new_head=True))
         assert not loaded["head/kernel"].any() and loaded["head/kernel"].shape == (model.hidden_dim, 7)
         np.testing.assert_array_equal(loaded["stem/kernel"], full["stem/kernel"])
+        # The tools: pre-logits need no head (few-shot, visualize); classifying does (predict).
+        tool_model, params = weights.load_model(path, "Ti/4", need_head=False)
+        assert tool_model.num_classes == 1 and not params["head"]["kernel"].any()
+        with pytest.raises(weights.WeightsError, match="has no head .* classifying needs one"):
+            weights.load_model(path)
+    out = str(tmp_path / "tokens.png")
+    assert visualize.main(["tokens", f"--weights={tmp_path / 'headless.npz'}", "--variant=Ti/4", f"--out={out}"]) == 0
+    assert os.path.getsize(out) > 0
 
 
 def test_unreadable_files(ti_npz, tmp_path):
