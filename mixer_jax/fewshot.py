@@ -157,7 +157,7 @@ class Evaluator:
         self.shots = _as_tuple(shots, int)
         if not self.datasets or not self.shots or min(self.shots) < 1:
             raise ValueError(f"few-shot evaluation needs datasets and positive shots, got {datasets!r}, {shots!r}")
-        self.pp = preprocess.parse(pp or f"resize({image_size})|rgb|value_range(-1,1)")
+        self.pp = preprocess.parse(pp or f"resize({image_size})|rgb|value_range(-1,1)", allow_batch_ops=False)
         self.data_dir, self.l2_reg, self.num_seeds = data_dir, l2_reg, num_seeds
         self.batch_size, self.max_test_examples, self.seed = batch_size, max_test_examples, seed
         self._data: dict[str, dict[str, Any]] = {}

@@ -38,8 +38,14 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh over all devices (all processes), sizes from the config."""
-    devices = devices if devices is not None else jax.devices()
+    """The (data, fsdp, tensor) mesh over all devices (all processes), sizes from the config.
+
+    The devices are taken process by process (then by id), so that each process's devices are
+    neighbours along the batch axes and it feeds one contiguous slice of the batch, whatever order
+    the platform numbers them in.
+    """
+    if devices is None:
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     sizes = config_lib.mesh_shape(mesh_config, len(devices))
     shape = tuple(sizes[a] for a in config_lib.MESH_AXES)
     return Mesh(np.asarray(devices).reshape(shape), config_lib.MESH_AXES)

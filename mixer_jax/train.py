@@ -126,6 +126,16 @@ def state_from_weights(
     optimizer state is then initialised on the mesh, sharded like a fresh run's.
     """
     host_params = weights.load(config.init.path, model, new_head=config.init.new_head)
+    trained = weights.saved_model_config(config.init.path).get("gelu_approximate")
+    if trained is not None and trained != config.model.gelu_approximate:
+        logging.warning(
+            "init.path %s was trained with the %s GELU, but config key 'model.gelu_approximate' is %s: the "
+            "pretrained function changes. Set --config.model.gelu_approximate=%s to keep it.",
+            config.init.path,
+            "tanh" if trained else "exact",
+            config.model.gelu_approximate,
+            trained,
+        )
     params = jax.tree.map(
         lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), host_params, shardings.params
     )

@@ -157,6 +157,15 @@ def test_batch_parallel_steps_move_only_weights(mesh, data_dir, monkeypatch):
     assert sizes and max(sizes) <= largest_weight, sorted(sizes)[-5:]
 
 
+def test_mesh_takes_the_devices_in_order(monkeypatch):
+    """Whatever order the platform lists them in: by process, then by id (one process here)."""
+    devices = jax.devices()
+    monkeypatch.setattr(jax, "devices", lambda: devices[::-1])
+    c = defaults()
+    c.mesh.update(data=2, fsdp=2, tensor=2)
+    assert [d.id for d in sharding.make_mesh(c.mesh).devices.flat] == sorted(d.id for d in devices)
+
+
 def test_fit_spec_keeps_indivisible_dims_whole():
     c = defaults()
     c.mesh.update(data=1, fsdp=8, tensor=1)

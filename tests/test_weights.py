@@ -384,8 +384,10 @@ def test_finetune_digits_16_to_32_through_main(data_dir, tmp_path):
 @pytest.mark.parametrize("init_kind", ["workdir", pytest.param("npz", marks=pytest.mark.slow)])
 def test_trainer_starts_from_weights_exactly(digits_run, data_dir, tmp_path, init_kind):
     """init.path through main on an FSDP x tensor mesh (4 x 2 devices): with lr 0 the checkpoint after
-    one step holds exactly `weights.load` of the pretrained run at 32 px (Appendix C), new zero head."""
+    one step holds exactly `weights.load` of the pretrained run at 32 px (Appendix C), new zero head.
+    A checkpoint's GELU form, when the config asks for the other, is warned about."""
     init = digits_run.workdir
+    gelu = ["--config.model.gelu_approximate=False"] if init_kind == "workdir" else []
     if init_kind == "npz":
         weights.save(weights.load(init, models.create("Ti/4", num_classes=10, image_size=16)), tmp_path / "w.npz")
         init = str(tmp_path / "w.npz")
@@ -397,11 +399,13 @@ def test_trainer_starts_from_weights_exactly(digits_run, data_dir, tmp_path, ini
         "--config.lr=0.0",
         "--config.mesh.fsdp=4",
         "--config.mesh.tensor=2",
+        *gelu,
         devices=8,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Ti/4 at 32 px: 669,066 parameters" in result.stderr and "with a new head" in result.stderr
+    assert ("was trained with the tanh GELU" in result.stderr) == bool(gelu)
     model = models.create("Ti/4", num_classes=10, image_size=32, **weights.finetune_overrides("Ti/4", 32, 16))
     expected = weights.load(init, model, new_head=True)
     assert not np.any(expected["head"]["kernel"]) and not np.any(expected["head"]["bias"])
