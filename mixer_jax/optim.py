@@ -59,13 +59,32 @@ def make(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformatio
             mask=lambda params: regex_mask(params, o.wd_regex),
         )
     else:  # optax.sgd, with the decay between the momentum and the learning rate, as in AdamW.
-        core = optax.chain(
-            optax.trace(decay=o.momentum, accumulator_dtype=state_dtype) if o.momentum else optax.identity(),
+        decay = (
             optax.add_decayed_weights(config.wd, mask=lambda params: regex_mask(params, o.wd_regex))
             if config.wd
-            else optax.identity(),
-            optax.scale_by_learning_rate(sched),
+            else optax.identity()
+        )
+        # The state keeps the layout of `chain(decay, optax.sgd)`, the coupled decay that runs written
+        # before hold, so their checkpoints resume: the first place keeps the decay's (empty) state.
+        core = optax.chain(
+            optax.GradientTransformation(decay.init, lambda updates, state, params=None: (updates, state)),
+            optax.chain(
+                optax.trace(decay=o.momentum, accumulator_dtype=state_dtype) if o.momentum else optax.identity(),
+                _then(decay, optax.scale_by_learning_rate(sched)),
+            ),
         )
     if config.grad_clip_norm > 0:
         core = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), core)
     return core, sched
+
+
+def _then(
+    stateless: optax.GradientTransformation, transform: optax.GradientTransformation
+) -> optax.GradientTransformation:
+    """`stateless` then `transform`, as one transformation with `transform`'s state alone."""
+
+    def update(updates, state, params=None):
+        updates, _ = stateless.update(updates, stateless.init(params), params)
+        return transform.update(updates, state, params)
+
+    return optax.GradientTransformation(transform.init, update)

@@ -13,12 +13,12 @@ cropped, and pixels are scaled to [-1, 1].
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+import cv2
 import jax
 import numpy as np
 from PIL import Image
@@ -47,18 +47,33 @@ def load_image(path: str, image_size: int, crop_fraction: float = CROP_FRACTION)
 
 
 def load_image_as_evaluated(path: str, pp_eval: str, image_size: int) -> np.ndarray:
-    """(image_size, image_size, 3) float32: the file through a run's eval preprocessing `pp_eval`."""
-    ops = preprocess.parse(preprocess.image_ops(pp_eval), allow_batch_ops=False)
+    """(image_size, image_size, 3) float32: the file through a run's eval preprocessing `pp_eval`.
+
+    A string that does not start with `decode` (a dataset stored decoded) gets the file decoded by
+    the pipeline's own `decode` first, to RGB.
+    """
+    fallback = "; pass --crop_fraction to resize and crop instead"
+    try:
+        ops = preprocess.parse(preprocess.image_ops(pp_eval), allow_batch_ops=False)
+    except preprocess.PreprocessError as e:
+        raise ValueError(f"the checkpoint's input.pp_eval {pp_eval!r}: {e}{fallback}") from None
     with open(path, "rb") as f:
-        data = f.read()
-    image = data if ops.raw_image else np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    out = np.asarray(ops({"image": image}, np.random.default_rng(0))["image"], np.float32)
+        example = {"image": f.read()}
+    try:
+        if not ops.raw_image:
+            example = _DECODE(example, None)
+        out = np.asarray(preprocess.pixels(ops(example, np.random.default_rng(0))["image"]), np.float32)
+    except (ValueError, OSError, cv2.error) as e:  # An unreadable file, or an op that cannot take it.
+        raise ValueError(f"{path}: {e}") from None
     if out.shape != (image_size, image_size, 3):
         raise ValueError(
             f"the checkpoint's input.pp_eval {pp_eval!r} makes {out.shape} of {path}, but the model takes "
-            f"({image_size}, {image_size}, 3); pass --crop_fraction to resize and crop instead"
+            f"({image_size}, {image_size}, 3){fallback}"
         )
     return out
+
+
+_DECODE = preprocess.decode()
 
 
 def label_names(labels: str, num_classes: int, data_dir: str = "") -> list[str]:

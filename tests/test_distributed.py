@@ -102,7 +102,7 @@ def test_declared_shardings(mesh, channel_in, token_in, head, data_dir):
     init_state, shardings = train.sharded_init(train.create_model(c), tx, m)
     state = init_state(jax.random.key(0))
     block = state.params["MixerBlock_0"]
-    mu = state.opt_state[1][0].trace["MixerBlock_0"]  # clip -> (momentum, decay, learning rate) chain.
+    mu = state.opt_state[1][1][0].trace["MixerBlock_0"]  # clip -> (identity, sgd: (momentum, lr)).
     for tree in (block, mu):
         assert tree["channel_mixing"]["Dense_0"]["kernel"].addressable_shards[0].data.shape == channel_in
         assert tree["token_mixing"]["Dense_0"]["kernel"].addressable_shards[0].data.shape == token_in
@@ -110,7 +110,7 @@ def test_declared_shardings(mesh, channel_in, token_in, head, data_dir):
     if mesh == (1, 8, 1):
         assert shardings.params["MixerBlock_0"]["channel_mixing"]["Dense_0"]["kernel"].spec == P("fsdp", "tensor")
         # Every weight of more than one dimension is split: nothing is whole on one device.
-        for x in jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state[1][0].trace):
+        for x in jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state[1][1][0].trace):
             if x.ndim > 1:
                 assert x.addressable_shards[0].data.size == x.size // 8
 
@@ -362,7 +362,7 @@ def test_bfloat16_compute_trains(eight_device_run, data_dir, tmp_path):
     np.testing.assert_allclose(losses(tmp_path), losses(eight_device_run)[:5], rtol=2e-2)
     state = checkpointing.load_state_numpy(os.path.join(tmp_path, "checkpoints"))[1]
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(state["params"]))
-    assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(state["opt_state"][1][0]["trace"]))
+    assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(state["opt_state"][1][1][0]["trace"]))
 
 
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2)])

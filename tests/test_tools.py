@@ -104,7 +104,7 @@ def test_predict_takes_the_checkpoints_gelu_and_checks_its_arguments(workdir, im
     assert "--crop_fraction=0.0 must lie in (0, 1]" in capsys.readouterr().err
 
 
-def test_predict_preprocesses_as_the_run_evaluated(workdir, data_dir, tmp_path, monkeypatch):
+def test_predict_preprocesses_as_the_run_evaluated(workdir, data_dir, tmp_path, monkeypatch, capsys):
     """A checkpoint's image files go through its saved input.pp_eval: digits test images saved as PNGs
     reach the model exactly as its evaluation's inputs. --crop_fraction asks for resize and crop."""
     config = load_config("digits")
@@ -122,6 +122,10 @@ def test_predict_preprocesses_as_the_run_evaluated(workdir, data_dir, tmp_path, 
     np.testing.assert_array_equal(seen[0], np.stack(expected))
     assert predict.main([f"--weights={workdir}", "--crop_fraction=0.875", *paths]) == 0
     assert seen[1].shape == seen[0].shape and not np.array_equal(seen[1], seen[0])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert predict.main([f"--weights={workdir}", paths[0], str(bad)]) == 2
+    assert f"error: {bad}: " in capsys.readouterr().err
 
 
 def test_predict_command_line(workdir, images):

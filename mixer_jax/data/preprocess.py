@@ -258,14 +258,16 @@ def _crop_resize(
     """Crops `box` (left, top, right, bottom) and resizes it to height x width: bilinear, or by area
     averaging when `area` is set or the crop shrinks by 2x or more.
 
-    An `Encoded` JPEG is decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps the box at
-    least the output size, so a large image is decoded at a fraction of its size. (The scales in
-    between decode slower than the full size.)
+    Without `area`, an `Encoded` JPEG is decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that
+    keeps the box at least the output size, so a large image is decoded at a fraction of its size.
+    (The scales in between decode slower than the full size.) With `area` it is decoded whole: DCT
+    scaling is not area averaging.
     """
     shrink = min((box[2] - box[0]) / width, (box[3] - box[1]) / height)
     if isinstance(image, Encoded):
         full_h, full_w = image.size
-        image = _decode(image, min(8, 2 ** math.floor(math.log2(shrink))) if shrink >= 2 else 1)
+        reduce = min(8, 2 ** math.floor(math.log2(shrink))) if shrink >= 2 and not area else 1
+        image = _decode(image, reduce)
         sy, sx = image.shape[0] / full_h, image.shape[1] / full_w
         box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
         shrink *= min(sx, sy)
