@@ -250,7 +250,9 @@ def run(mode: str) -> dict[str, Any]:
             model.operand_dtype,
             model.dtype,
         ),
-        "gelu_backward": "recompute" if model.recompute_gelu else "saved",
+        # The fused channel MLPs always recompute their GELU's derivative; the flag rules the token MLPs.
+        "gelu_backward": ("recompute" if model.recompute_gelu else "saved")
+        + (" (channel MLPs: recompute)" if model.fused_gelu and not model.recompute_gelu else ""),
         "layer_norm_backward": "recompute" if model.recompute_layer_norm else "saved",
         "mesh": dict(mesh.shape),
         "scan": _SCAN.value,

@@ -220,6 +220,13 @@ def test_new_op_errors(pp, allow, message):
         preprocess.parse(pp, allow_batch_ops=allow)
 
 
+def test_an_empty_split_is_a_config_error(folder):
+    c = folder_config(folder[0])
+    c.input.eval_split = "test[:0]"
+    with pytest.raises(pipeline.DatasetError, match=r"'input.eval_split' is 'test\[:0\]', which holds no examples"):
+        pipeline.check(c)
+
+
 def test_mixup_needs_an_even_share_per_process():
     c = load_config("b16_i1k", "variant=Mu/32")
     c.input.dataset, c.input.eval_split, c.batch_size = "synthetic", "test", 6

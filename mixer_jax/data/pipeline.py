@@ -138,6 +138,7 @@ def check(config: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
                 f"config key 'input.{key}' makes {classes}-class labels (onehot({classes})), but config key "
                 f"'model.num_classes' is {config.model.num_classes}; make them agree."
             )
+    builder = None  # Catalog and imported datasets: their split sizes are known before reading.
     if input_config.dataset == SYNTHETIC:
         splits = tuple(SYNTHETIC_SPLITS)
         known = lambda split: split in splits  # noqa: E731
@@ -153,6 +154,11 @@ def check(config: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
             raise DatasetError(
                 f"config key 'input.{key}' is {input_config[key]!r}, but dataset "
                 f"{input_config.dataset!r} has the splits {sorted(splits)}."
+            )
+        if builder is not None and not builder.info.splits[input_config[key]].num_examples:
+            raise DatasetError(
+                f"config key 'input.{key}' is {input_config[key]!r}, which holds no examples of dataset "
+                f"{input_config.dataset!r}; choose a split or slice with some."
             )
     _check_fewshot(config)
 
