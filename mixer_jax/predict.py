@@ -150,13 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.top < 1:
         parser.error(f"--top={args.top} must be at least 1")
     try:
+        saved = weights.saved_config(args.weights)  # {} for a weights file.
         model, params = weights.load_model(
-            args.weights, args.variant, image_size=args.image_size, gelu_exact=args.gelu_exact
+            args.weights, args.variant, image_size=args.image_size, gelu_exact=args.gelu_exact, saved=saved
         )
         names = label_names(args.labels, model.num_classes, args.data_dir)
-        saved = weights.saved_config(args.weights)
         pp_eval = saved.get("input", {}).get("pp_eval", "")
-        if args.crop_fraction is None and pp_eval and saved["model"].get("image_size") == model.image_size:
+        if args.crop_fraction is None and pp_eval and saved.get("model", {}).get("image_size") == model.image_size:
             images = np.stack([load_image_as_evaluated(p, pp_eval, model.image_size) for p in args.images])
         else:
             crop = args.crop_fraction or CROP_FRACTION

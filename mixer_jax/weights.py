@@ -544,18 +544,21 @@ def load_model(
     image_size: int | None = None,
     gelu_exact: bool = False,
     need_head: bool = True,
+    saved: Mapping[str, Any] | None = None,
 ) -> tuple[models.MlpMixer, dict[str, Any]]:
     """The model that the weights at `path` fit (`model_for`) and their params: what the tools load.
 
-    Its GELU is the one a checkpoint of this trainer was trained with (its saved config), else the
-    tanh form of the official release, unless `gelu_exact` (timm's weights). Weights without a head
-    get a zero one-class head where `need_head` is False (pre-logits suffice), else are an error.
+    Its GELU is the one a checkpoint of this trainer was trained with (its saved config: `saved`,
+    if the caller has read it with `saved_config`), else the tanh form of the official release,
+    unless `gelu_exact` (timm's weights). Weights without a head get a zero one-class head where
+    `need_head` is False (pre-logits suffice), else are an error.
     """
     flat = read(path)
     headless = "head/kernel" not in flat
     if headless and need_head:
         raise WeightsError(f"{path} has no head (an export with num_classes=0), and classifying needs one")
-    approximate = not gelu_exact and saved_model_config(path).get("gelu_approximate", True)
+    saved = saved_config(path) if saved is None else saved
+    approximate = not gelu_exact and saved.get("model", {}).get("gelu_approximate", True)
     model = model_for(flat, variant, image_size=image_size, gelu_approximate=approximate)
     return model, convert(flat, model, new_head=headless, source=os.fspath(path))
 

@@ -137,12 +137,8 @@ def test_weight_decay_is_decoupled(name):
         decay = optax.add_decayed_weights(0.1, mask=lambda params: optim.regex_mask(params, c.optim.wd_regex))
         sgd = optax.sgd(optax.constant_schedule(0.1), momentum=0.9, accumulator_dtype=jnp.float32)
         before = optax.chain(decay, sgd)
-
-        def paths(tree):
-            return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
         assert jax.tree.structure(state) == jax.tree.structure(before.init(params))
-        assert len(paths(state)) == 3  # Two traces and a count.
+        assert len(jax.tree.leaves(state)) == 3  # Two traces and a count.
         c.wd = 0.0
         before = optax.chain(optax.identity(), sgd)
         assert jax.tree.structure(optim.make(c)[0].init(params)) == jax.tree.structure(before.init(params))

@@ -129,7 +129,7 @@ def check(config: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
     Raises DatasetError/PreprocessError.
     """
     input_config = config.input
-    parsed = {key: _parse(config, key) for key in ("pp_train", "pp_eval")}
+    parsed = {key: _parse(config.input[key], f"input.{key}") for key in ("pp_train", "pp_eval")}
     _check_batch_ops(parsed["pp_train"], config.batch_size, process_count)
     for key, pp in parsed.items():
         classes = pp.num_classes
@@ -172,10 +172,7 @@ def _check_fewshot(config: ml_collections.ConfigDict) -> None:
     if not f.datasets:
         return
     if f.pp:
-        try:
-            preprocess.parse(f.pp, allow_batch_ops=False)
-        except preprocess.PreprocessError as e:
-            raise preprocess.PreprocessError(f"config key 'fewshot.pp': {e}") from None
+        _parse(f.pp, "fewshot.pp")
     try:
         datasets = fewshot.parse_datasets(f.datasets)
     except ValueError as e:
@@ -205,7 +202,7 @@ def check_examples(config: ml_collections.ConfigDict) -> None:
     (image_size, image_size, 3) and labels num_classes wide. Needs the dataset prepared."""
     size, classes = config.model.image_size, config.model.num_classes
     for key, split in (("pp_train", config.input.train_split), ("pp_eval", config.input.eval_split)):
-        pp = _parse(config, key)
+        pp = _parse(config.input[key], f"input.{key}")
         example = _source(config, split, raw_image=pp.raw_image)[0]
         try:
             example = _select(pp.example_fn(example, np.random.default_rng(0)))
@@ -226,12 +223,13 @@ def check_examples(config: ml_collections.ConfigDict) -> None:
             )
 
 
-def _parse(config: ml_collections.ConfigDict, key: str) -> preprocess.Preprocess:
-    """Parses config key `input.<key>` (pp_train or pp_eval); its errors name the key."""
+def _parse(pp: str, key: str) -> preprocess.Preprocess:
+    """Parses preprocessing string `pp`, the value of config key `key`; its errors name the key.
+    Batch ops (mixup) belong to the training string only."""
     try:
-        return preprocess.parse(config.input[key], allow_batch_ops=key == "pp_train")
+        return preprocess.parse(pp, allow_batch_ops=key == "input.pp_train")
     except preprocess.PreprocessError as e:
-        raise preprocess.PreprocessError(f"config key 'input.{key}': {e}") from None
+        raise preprocess.PreprocessError(f"config key '{key}': {e}") from None
 
 
 def _check_batch_ops(pp: preprocess.Preprocess, batch_size: int, process_count: int) -> None:

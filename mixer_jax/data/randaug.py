@@ -4,8 +4,9 @@ The op list, the magnitude scale and the argument ranges follow the reference TP
 that the ViT and Mixer recipes were tuned with: magnitude 10 is the nominal maximum
 (`MAX_LEVEL`), and the recipes use 15 and 20, beyond it. Each chosen op is applied: the reference
 draws a probability from U(0.2, 0.8) for it but never uses it. Signed arguments (rotation, shear,
-translation) are negated with probability 1/2; geometric ops fill with gray (128). All randomness comes from the given
-`numpy.random.Generator`, so an augmented image is a pure function of the example's rng.
+translation) are negated with probability 1/2; geometric ops fill with gray (128). All randomness
+comes from the given `numpy.random.Generator`, so an augmented image is a pure function of the
+example's rng.
 """
 
 from __future__ import annotations
